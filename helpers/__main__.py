@@ -1,0 +1,49 @@
+"""Command line: ``python -m helpers SUBCOMMAND ...`` (see ``--help``).
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> int``; those modules import heavy libraries inside functions so
+that ``--help`` stays fast. Errors a user can fix (``UserError``, a missing
+file, a bad value, a broken checkpoint) end with a one-line message and exit
+code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .checkpoint import CheckpointError
+from .errors import UserError
+
+# name -> (module, one-line help); each module defines add_arguments() and run()
+COMMANDS: dict[str, tuple[str, str]] = {
+    "summary": ("helpers.summary", "print the per-stage shape and parameter table of a preset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers",
+        description="CLIP-conditioned three-stage text-to-image GAN: extract, train, sample, evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Checkpoint files: atomic writes and loads that fail with a clear message.
+
+A checkpoint is one ``torch.save`` dict with ``"format": CHECKPOINT_FORMAT``.
+A training snapshot holds everything needed to resume exactly (step, configs,
+G, G_ema, every D, every optimiser, the AMP scaler, RNG states, CLIP spec); a
+sampling export holds only ``model_config``, ``clip_spec``, ``step`` and
+``G_ema``. Files are written to a temporary name and renamed, so an
+interrupted write (a Colab disconnect) never leaves a broken file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "helpers-t2i-gan/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not one of ours."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint written by this project.
+
+    Raises CheckpointError naming the file and what to do when it is missing,
+    unreadable (truncated, not a torch file) or lacks the project's format tag.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (check the path, or train one first)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises several types for broken files
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {err}. The file is truncated "
+            "or not a checkpoint; use an earlier snapshot or copy it again."
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (format {found!r}, expected "
+            f"{CHECKPOINT_FORMAT!r})"
+        )
+    return ckpt

@@ -1,0 +1,79 @@
+"""Model configuration: one typed dataclass, saved inside every checkpoint.
+
+Sampling rebuilds the networks from this config alone, so every size the
+networks need lives here (and nowhere else). Presets:
+
+- ``faces``: the reference sizes of the bootcamp project (StackGAN++ family,
+  CLIP ViT-B/32 text features): Ng=1024, Nd=64, text 512, z 100, condition 128,
+  three stages (64/128/256 px). Generator about 15.4M parameters.
+- ``demo``: a small model that trains on two CPU cores (the embedded demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the generator and the discriminators."""
+
+    text_dim: int = 512  # size of the (L2-normalised) CLIP text/image feature
+    z_dim: int = 100  # size of the noise vector z
+    cond_dim: int = 128  # size of the condition from conditioning augmentation
+    ng: int = 1024  # generator channels at 4x4; 64 px features have ng // 16
+    nd: int = 64  # discriminator base channels; trunk ends with 8 * nd
+    num_stages: int = 3  # 1, 2 or 3 stages: images at 64, 128, 256 px
+    num_res_blocks: int = 2  # residual blocks in each stage after the first
+
+    def __post_init__(self) -> None:
+        if self.num_stages not in (1, 2, 3):
+            raise ValueError(f"num_stages must be 1, 2 or 3, got {self.num_stages}")
+        min_ng = 16 * 2 ** (self.num_stages - 1) * 2
+        if self.ng < min_ng or self.ng % min_ng:
+            raise ValueError(
+                f"ng={self.ng} is too small or not divisible for {self.num_stages} stages: "
+                f"use a multiple of {min_ng} (the last stage must keep at least 2 channels)"
+            )
+        for name in ("text_dim", "z_dim", "cond_dim", "nd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_res_blocks < 0:
+            raise ValueError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Image size of each stage: [64, 128, 256][:num_stages]."""
+        return [64 * 2**i for i in range(self.num_stages)]
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Feature channels each stage hands to its image head: ng/16, ng/32, ng/64."""
+        return [self.ng // 16 // 2**i for i in range(self.num_stages)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Rebuild a config from ``to_dict`` output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "faces": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3),
+    "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=128, nd=8, num_stages=3),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ``faces`` or ``demo`` preset, with keyword overrides (e.g. ``text_dim=...``)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})

@@ -1,0 +1,350 @@
+"""Networks: the multi-stage generator and one discriminator per stage.
+
+StackGAN++ (Zhang et al. 2018) conditioned on CLIP features, with the
+discriminator alignment head of LAFITE (Zhou et al. 2022); sizes follow the
+OUTTA 2023 bootcamp reference, with its bugs fixed:
+
+- conditioning augmentation is linear (the reference's ReLU collapsed it);
+- the alignment head sees image features only (the reference fed it the
+  condition, so it could match the text without looking at the image);
+- every head returns logits (losses use the stable logits form of BCE);
+- nothing assumes a batch size or a 4x4 map; stages are built from a schedule.
+
+This module holds nn.Modules and pure tensor functions only: no I/O, no
+optimisers, no stored devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+LEAK = 0.2  # LeakyReLU slope of the discriminators (DCGAN / StackGAN)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
+    """3x3 convolution keeping the size; no bias because BatchNorm follows."""
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1, bias=False)
+
+
+class UpBlock(nn.Sequential):
+    """[B, in_ch, H, W] -> [B, out_ch, 2H, 2W]: transposed conv, BatchNorm, ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(
+            nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ResBlock(nn.Module):
+    """x + F(x) with F = conv-BN-ReLU-conv-BN; [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(channels, channels),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            conv3x3(channels, channels),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ImageHead(nn.Sequential):
+    """[B, C, H, W] features -> [B, 3, H, W] image in [-1, 1] (3x3 conv + tanh)."""
+
+    def __init__(self, in_ch: int) -> None:
+        super().__init__(nn.Conv2d(in_ch, 3, kernel_size=3, padding=1), nn.Tanh())
+
+
+def tile(vector: Tensor, like: Tensor) -> Tensor:
+    """Repeat ``vector`` [B, C] over the spatial size of ``like`` [B, *, H, W] -> [B, C, H, W]."""
+    return vector[:, :, None, None].expand(-1, -1, like.shape[2], like.shape[3])
+
+
+# --------------------------------------------------------------------------- generator
+
+
+class ConditioningAugmentation(nn.Module):
+    """CLIP feature -> (condition, mu, logvar), each [B, cond_dim].
+
+    A linear layer (no activation) gives the mean and log-variance of a Gaussian;
+    the condition is a reparameterised sample ``mu + exp(logvar / 2) * eps``.
+    """
+
+    def __init__(self, text_dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(text_dim, 2 * cond_dim)
+
+    def forward(
+        self, text_emb: Tensor, eps: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """text_emb [B, text_dim]; eps [B, cond_dim] standard normal (drawn here if None)."""
+        mu, logvar = self.fc(text_emb).chunk(2, dim=1)
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        condition = mu + torch.exp(0.5 * logvar) * eps
+        return condition, mu, logvar
+
+
+class InitStage(nn.Module):
+    """Stage 1: [condition, z] -> linear -> [B, ng, 4, 4] -> 4 x UpBlock -> [B, ng/16, 64, 64]."""
+
+    def __init__(self, in_dim: int, ng: int) -> None:
+        super().__init__()
+        self.ng = ng
+        self.fc = nn.Sequential(
+            nn.Linear(in_dim, ng * 4 * 4, bias=False),
+            nn.BatchNorm1d(ng * 4 * 4),
+            nn.ReLU(inplace=True),
+        )
+        self.up = nn.Sequential(*[UpBlock(ng // 2**i, ng // 2 ** (i + 1)) for i in range(4)])
+
+    def forward(self, condition: Tensor, z: Tensor) -> Tensor:
+        x = self.fc(torch.cat([condition, z], dim=1)).view(-1, self.ng, 4, 4)
+        return self.up(x)
+
+
+class NextStage(nn.Module):
+    """Stage 2 or 3: [B, C, H, W] features + condition -> [B, C/2, 2H, 2W] features.
+
+    The condition is tiled over the map and concatenated, joined by a 3x3 conv,
+    refined by residual blocks, then upsampled x2.
+    """
+
+    def __init__(self, channels: int, cond_dim: int, num_res_blocks: int) -> None:
+        super().__init__()
+        self.join = nn.Sequential(
+            conv3x3(channels + cond_dim, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        )
+        self.res = nn.Sequential(*[ResBlock(channels) for _ in range(num_res_blocks)])
+        self.up = UpBlock(channels, channels // 2)
+
+    def forward(self, features: Tensor, condition: Tensor) -> Tensor:
+        x = self.join(torch.cat([tile(condition, features), features], dim=1))
+        return self.up(self.res(x))
+
+
+class Generator(nn.Module):
+    """Text feature + noise -> images at 64, 128, 256 px (as many as ``num_stages``).
+
+    forward(text_emb [B, text_dim] L2-normalised, z [B, z_dim] ~ N(0, I),
+            ca_noise [B, cond_dim] ~ N(0, I) or None, generator=None)
+      -> (images: list of [B, 3, 64 * 2**i, 64 * 2**i] in [-1, 1],
+          mu [B, cond_dim], logvar [B, cond_dim])
+
+    ``ca_noise`` (the conditioning-augmentation noise) is drawn from ``generator``
+    when not given, so the model itself never touches a global seed.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ca = ConditioningAugmentation(cfg.text_dim, cfg.cond_dim)
+        channels = cfg.stage_channels  # e.g. [64, 32, 16] for ng = 1024
+        stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng)]
+        stages += [NextStage(c, cfg.cond_dim, cfg.num_res_blocks) for c in channels[:-1]]
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList([ImageHead(c) for c in channels])
+
+    def forward(
+        self,
+        text_emb: Tensor,
+        z: Tensor,
+        ca_noise: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        if text_emb.ndim != 2 or text_emb.shape[1] != self.cfg.text_dim:
+            raise ValueError(f"text_emb must be [B, {self.cfg.text_dim}], got {list(text_emb.shape)}")
+        if z.shape != (text_emb.shape[0], self.cfg.z_dim):
+            raise ValueError(f"z must be [{text_emb.shape[0]}, {self.cfg.z_dim}], got {list(z.shape)}")
+        condition, mu, logvar = self.ca(text_emb, ca_noise, generator=generator)
+        images = []
+        features = self.stages[0](condition, z)
+        images.append(self.heads[0](features))
+        for stage, head in zip(self.stages[1:], self.heads[1:]):
+            features = stage(features, condition)
+            images.append(head(features))
+        return images, mu, logvar
+
+
+# --------------------------------------------------------------------------- discriminator
+
+
+def down_block(in_ch: int, out_ch: int, *, norm: bool = True) -> nn.Sequential:
+    """[B, in_ch, H, W] -> [B, out_ch, H/2, W/2]: 4x4 stride-2 conv, BatchNorm, LeakyReLU."""
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=not norm)]
+    if norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.LeakyReLU(LEAK, inplace=True))
+    return nn.Sequential(*layers)
+
+
+def same_block(in_ch: int, out_ch: int) -> nn.Sequential:
+    """[B, in_ch, H, W] -> [B, out_ch, H, W]: 3x3 conv, BatchNorm, LeakyReLU."""
+    return nn.Sequential(conv3x3(in_ch, out_ch), nn.BatchNorm2d(out_ch), nn.LeakyReLU(LEAK, inplace=True))
+
+
+class DiscOutput(NamedTuple):
+    """What a discriminator says about a batch of images."""
+
+    uncond: Tensor  # [B] unconditional real/fake logit
+    cond: Tensor | None  # [B] conditional logit (None when no condition was given)
+    align: Tensor  # [B, text_dim] alignment embedding, from the image alone
+
+
+class Discriminator(nn.Module):
+    """Discriminator for stage ``stage`` (0-based), images [B, 3, 64 * 2**stage, same].
+
+    trunk: 4 stride-2 convs -> [B, 8nd, H/16, W/16];
+    prior: ``stage`` stride-2 convs doubling channels down to 4x4, then ``stage``
+           3x3 convs halving them back -> [B, 8nd, 4, 4] (the reference's layout);
+    heads on those features: unconditional logit, conditional logit (condition
+    tiled and concatenated), alignment embedding (image features only).
+    """
+
+    def __init__(self, cfg: ModelConfig, stage: int) -> None:
+        super().__init__()
+        if not 0 <= stage < cfg.num_stages:
+            raise ValueError(f"stage must be in [0, {cfg.num_stages}), got {stage}")
+        nd, top = cfg.nd, 8 * cfg.nd
+        self.resolution = 64 * 2**stage
+        self.trunk = nn.Sequential(
+            down_block(3, nd, norm=False),
+            down_block(nd, 2 * nd),
+            down_block(2 * nd, 4 * nd),
+            down_block(4 * nd, top),
+        )
+        widths = [top * 2**i for i in range(stage + 1)]  # e.g. 512, 1024, 2048
+        prior = [down_block(a, b) for a, b in zip(widths[:-1], widths[1:])]
+        prior += [same_block(a, b) for a, b in zip(widths[:0:-1], widths[-2::-1])]
+        self.prior = nn.Sequential(*prior)
+        self.uncond_head = nn.Conv2d(top, 1, kernel_size=4, stride=4)
+        self.cond_head = nn.Sequential(same_block(top + cfg.cond_dim, top), nn.Conv2d(top, 1, 4, stride=4))
+        self.align_head = nn.Sequential(
+            nn.Conv2d(top, top, kernel_size=3, bias=False),  # 4x4 -> 2x2
+            nn.BatchNorm2d(top),
+            nn.SiLU(inplace=True),
+            nn.Conv2d(top, cfg.text_dim, kernel_size=2, stride=2),  # 2x2 -> 1x1
+        )
+
+    def features(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> features [B, 8nd, 4, 4]."""
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            raise ValueError(
+                f"this discriminator takes {self.resolution} px images, got {list(images.shape)}"
+            )
+        return self.prior(self.trunk(images))
+
+    def uncond_logits(self, features: Tensor) -> Tensor:
+        """features [B, 8nd, 4, 4] -> logits [B]."""
+        return self.uncond_head(features).flatten(1).mean(1)
+
+    def cond_logits(self, features: Tensor, condition: Tensor) -> Tensor:
+        """features [B, 8nd, 4, 4], condition [B, cond_dim] -> logits [B]."""
+        x = torch.cat([features, tile(condition, features)], dim=1)
+        return self.cond_head(x).flatten(1).mean(1)
+
+    def align_embedding(self, features: Tensor) -> Tensor:
+        """features [B, 8nd, 4, 4] -> alignment embedding [B, text_dim] (not normalised)."""
+        return self.align_head(features).flatten(1)
+
+    def forward(self, images: Tensor, condition: Tensor | None = None) -> DiscOutput:
+        """Run the trunk once and every head on it; see ``DiscOutput``."""
+        feats = self.features(images)
+        cond = None if condition is None else self.cond_logits(feats, condition)
+        return DiscOutput(self.uncond_logits(feats), cond, self.align_embedding(feats))
+
+
+def build_discriminators(cfg: ModelConfig) -> nn.ModuleList:
+    """One discriminator per stage, in stage order."""
+    return nn.ModuleList([Discriminator(cfg, stage) for stage in range(cfg.num_stages)])
+
+
+# --------------------------------------------------------------------------- init and summary
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module) -> None:
+    """The reference's init, for ``model.apply``: convs and linears N(0, 0.02)
+    (biases zero), BatchNorm weights N(1, 0.02) and biases zero."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_models(cfg: ModelConfig, *, seed: int | None = None) -> tuple[Generator, nn.ModuleList]:
+    """A freshly initialised generator and its discriminators (seeded if ``seed`` is given)."""
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        generator = Generator(cfg)
+        discriminators = build_discriminators(cfg)
+        generator.apply(init_weights)
+        discriminators.apply(init_weights)
+    return generator, discriminators
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def summary_rows(cfg: ModelConfig) -> list[dict[str, object]]:
+    """One row per stage: image size, feature shape, G and D parameter counts.
+
+    Built from a real forward pass at batch 1 in eval mode (shapes never guessed).
+    """
+    generator, discriminators = build_models(cfg, seed=0)
+    generator.eval()
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(torch.randn(1, cfg.text_dim), dim=1)
+        images, _, _ = generator(text, torch.randn(1, cfg.z_dim), torch.zeros(1, cfg.cond_dim))
+    rows = []
+    for i, (img, disc) in enumerate(zip(images, discriminators)):
+        g_params = count_parameters(generator.stages[i]) + count_parameters(generator.heads[i])
+        if i == 0:
+            g_params += count_parameters(generator.ca)
+        rows.append(
+            dict(
+                stage=i + 1,
+                resolution=img.shape[-1],
+                features=[cfg.stage_channels[i], img.shape[-2], img.shape[-1]],
+                image=list(img.shape[1:]),
+                g_params=g_params,
+                d_params=count_parameters(disc),
+            )
+        )
+    return rows
+
+
+def format_summary(rows: list[dict[str, object]]) -> str:
+    """A plain-text table of ``summary_rows``."""
+    header = f"{'stage':>5} {'size':>5} {'G features':>15} {'G params':>12} {'D params':>12}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        feats = "x".join(str(v) for v in r["features"])  # type: ignore[union-attr]
+        lines.append(f"{r['stage']:>5} {r['resolution']:>5} {feats:>15} {r['g_params']:>12,} {r['d_params']:>12,}")
+    g_total = sum(int(r["g_params"]) for r in rows)  # type: ignore[arg-type]
+    d_total = sum(int(r["d_params"]) for r in rows)  # type: ignore[arg-type]
+    lines.append(f"{'total':>5} {'':>5} {'':>15} {g_total:>12,} {d_total:>12,}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Shapes, gradients, determinism and parameter counts of the networks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.config import ModelConfig, model_preset
+from helpers.network import (
+    ConditioningAugmentation,
+    Discriminator,
+    Generator,
+    build_models,
+    count_parameters,
+    format_summary,
+    summary_rows,
+)
+
+# A small config that keeps the tests fast; the same code builds the big presets.
+SMALL = dict(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4)
+
+
+def small_cfg(num_stages: int = 3) -> ModelConfig:
+    return ModelConfig(**SMALL, num_stages=num_stages)
+
+
+def text(batch: int, dim: int) -> torch.Tensor:
+    return F.normalize(torch.randn(batch, dim), dim=1)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_generator_and_discriminator_shapes(num_stages, batch, mode):
+    cfg = small_cfg(num_stages)
+    G, Ds = build_models(cfg, seed=0)
+    G.train(mode == "train")
+    Ds.train(mode == "train")
+    if mode == "train" and batch == 1:
+        # BatchNorm cannot estimate a variance from one value per channel: the
+        # generator's mapping (BatchNorm1d) refuses a batch of 1 in train mode.
+        with pytest.raises(ValueError, match="more than 1 value"):
+            G(text(1, cfg.text_dim), torch.randn(1, cfg.z_dim))
+        return
+    images, mu, logvar = G(text(batch, cfg.text_dim), torch.randn(batch, cfg.z_dim))
+    assert len(images) == num_stages
+    for i, img in enumerate(images):
+        assert img.shape == (batch, 3, 64 * 2**i, 64 * 2**i)
+        assert img.min() >= -1 and img.max() <= 1
+    assert mu.shape == logvar.shape == (batch, cfg.cond_dim)
+    for D, img in zip(Ds, images):
+        out = D(img, mu)
+        assert out.uncond.shape == (batch,)
+        assert out.cond.shape == (batch,)
+        assert out.align.shape == (batch, cfg.text_dim)
+        assert D(img).cond is None
+
+
+def test_discriminator_batch_of_one_in_train_mode():
+    # The discriminators' BatchNorm2d layers see several values per channel
+    # (a spatial map), so a batch of 1 trains; only the generator's BatchNorm1d can't.
+    cfg = small_cfg(3)
+    _, Ds = build_models(cfg, seed=0)
+    Ds.train()
+    for stage, D in enumerate(Ds):
+        res = 64 * 2**stage
+        out = D(torch.rand(1, 3, res, res) * 2 - 1, torch.randn(1, cfg.cond_dim))
+        assert out.cond.shape == (1,) and out.align.shape == (1, cfg.text_dim)
+
+
+def test_discriminator_rejects_wrong_resolution():
+    D = Discriminator(small_cfg(3), stage=1)
+    with pytest.raises(ValueError, match="128 px"):
+        D(torch.zeros(2, 3, 64, 64))
+
+
+def test_generator_rejects_wrong_text_dim():
+    G = Generator(small_cfg(1)).eval()
+    with pytest.raises(ValueError, match=r"text_emb must be \[B, 16\]"):
+        G(torch.zeros(2, 15), torch.zeros(2, 8))
+
+
+def test_last_stage_gradient_reaches_every_generator_parameter():
+    cfg = small_cfg(3)
+    G, _ = build_models(cfg, seed=0)
+    G.train()
+    images, _, _ = G(text(3, cfg.text_dim), torch.randn(3, cfg.z_dim))
+    images[-1].square().mean().backward()
+    missing = [n for n, p in G.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    # The earlier stages' image heads do not feed the last image, by design.
+    missing = [n for n in missing if not n.startswith(("heads.0.", "heads.1."))]
+    assert missing == []
+
+
+def test_alignment_head_ignores_the_condition():
+    cfg = small_cfg(2)
+    _, Ds = build_models(cfg, seed=0)
+    D = Ds[1].eval()
+    img = torch.rand(3, 3, 128, 128) * 2 - 1
+    a = D(img, torch.randn(3, cfg.cond_dim))
+    b = D(img, torch.randn(3, cfg.cond_dim))
+    assert torch.equal(a.align, b.align)
+    assert torch.equal(a.uncond, b.uncond)
+    assert not torch.allclose(a.cond, b.cond)
+
+
+def test_conditioning_augmentation_is_linear_and_reparameterised():
+    ca = ConditioningAugmentation(16, 8)
+    t = text(4, 16)
+    eps = torch.randn(4, 8)
+    cond, mu, logvar = ca(t, eps)
+    torch.testing.assert_close(cond, mu + torch.exp(0.5 * logvar) * eps)
+    # No ReLU: means and log-variances take both signs.
+    assert (mu < 0).any() and (mu > 0).any() and (logvar < 0).any()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(ca(t, generator=g1)[0], ca(t, generator=g2)[0])
+
+
+def test_seeded_construction_and_forward_are_deterministic():
+    cfg = small_cfg(3)
+    outs = []
+    for _ in range(2):
+        G, Ds = build_models(cfg, seed=123)
+        G.eval()
+        gen = torch.Generator().manual_seed(7)
+        z = torch.randn(2, cfg.z_dim, generator=gen)
+        images, _, _ = G(text(2, cfg.text_dim) * 0 + 0.25, z, generator=gen)
+        outs.append((images[-1], Ds[2].eval()(images[-1]).uncond))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+    G3, _ = build_models(cfg, seed=124)
+    assert not torch.equal(next(G3.parameters()), next(build_models(cfg, seed=123)[0].parameters()))
+
+
+def test_weight_init_follows_the_reference():
+    G, Ds = build_models(model_preset("demo"), seed=0)
+    conv = Ds[0].trunk[1][0].weight
+    assert abs(conv.std().item() - 0.02) < 0.002 and abs(conv.mean().item()) < 0.002
+    bn = Ds[0].trunk[1][1]
+    assert abs(bn.weight.mean().item() - 1) < 0.01 and bn.bias.abs().max() == 0
+
+
+def test_faces_preset_parameter_counts_match_the_reference():
+    rows = summary_rows(model_preset("faces"))
+    g_total = sum(r["g_params"] for r in rows)
+    # The reference (mentor's solution): G 15.4M; D 9.7M / 22.8M / 75.3M per stage.
+    # Our alignment head drops the condition's input channels, hence slightly fewer.
+    assert abs(g_total - 15.4e6) / 15.4e6 < 0.10
+    for row, ref in zip(rows, [9.7e6, 22.8e6, 75.3e6]):
+        assert abs(row["d_params"] - ref) / ref < 0.10
+    assert [r["resolution"] for r in rows] == [64, 128, 256]
+    assert [r["features"][0] for r in rows] == [64, 32, 16]
+    assert "total" in format_summary(rows)
+
+
+def test_generator_parameter_count_matches_summary():
+    cfg = small_cfg(3)
+    G, _ = build_models(cfg, seed=0)
+    assert count_parameters(G) == sum(r["g_params"] for r in summary_rows(cfg))
