@@ -17,3 +17,39 @@ def tiny_clip():
     from helpers.clip_encoder import load_clip
 
     return load_clip("tiny-random", device="cpu")
+
+
+def write_synthetic_features(path, *, n: int = 12, dim: int = 32, captions_per_image: int = 3, seed: int = 0):
+    """A small features file of random images and random normalised features.
+
+    Images are smooth colour gradients (so downsampling is meaningful), split
+    3:1 into train/test; the CLIP spec is ``tiny-random`` (dim 32).
+    """
+    import numpy as np
+    import torch.nn.functional as F
+
+    from helpers.features import write_features
+
+    g = torch.Generator().manual_seed(seed)
+    ramp = np.linspace(0, 1, 256, dtype=np.float32)
+    colours = torch.rand(n, 3, generator=g).numpy()
+    images = (colours[:, None, None, :] * (ramp[None, :, None, None] + ramp[None, None, :, None]) / 2 * 255)
+    images = images.astype(np.uint8)
+    k = captions_per_image
+    return write_features(
+        path,
+        images=images,
+        image_features=F.normalize(torch.randn(n, dim, generator=g), dim=-1),
+        text_features=F.normalize(torch.randn(n, k, dim, generator=g), dim=-1),
+        caption_counts=torch.full((n,), k),
+        captions=[[f"caption {j} of image {i}" for j in range(k)] for i in range(n)],
+        ids=[f"img{i:03d}" for i in range(n)],
+        split=["test" if i % 4 == 3 else "train" for i in range(n)],
+        meta=dict(clip_spec="tiny-random", source="synthetic"),
+    )
+
+
+@pytest.fixture
+def synthetic_features(tmp_path):
+    """Path of a 12-image synthetic features file (9 train, 3 test, dim 32, tiny-random CLIP)."""
+    return write_synthetic_features(tmp_path / "features.pt")

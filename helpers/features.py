@@ -1,0 +1,195 @@
+"""The features file: CLIP features, captions and 256 px images of a dataset, and the
+training Dataset over it.
+
+A features file ``NAME.pt`` (a ``torch.save`` dict) has a sibling ``NAME.images.npy``
+holding every image once, center-cropped and resized to 256 px, as uint8
+``[N, 256, 256, 3]``. The array is memory-mapped when read, so a dataset of
+30,000 images opens in a second and no image is decoded during training.
+
+``NAME.pt`` holds:
+
+- ``format``: ``FEATURES_FORMAT``; ``meta``: a dict (``clip_spec``, ``dim``,
+  ``image_size``, preprocessing, source, counts, ...);
+- ``ids``: N source ids; ``split``: N strings, ``"train"`` or ``"test"``;
+- ``captions``: N lists of caption strings (possibly empty: language-free data);
+- ``image_features``: [N, D] fp16, L2-normalised CLIP image features;
+- ``text_features``: [N, K, D] fp16, L2-normalised, K = the most captions per image;
+  ``caption_counts``: [N] int, how many of the K rows are real captions.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .checkpoint import atomic_save
+
+FEATURES_FORMAT = "helpers-t2i-features/1"
+IMAGE_SIZE = 256  # every stored image is 256 x 256 RGB
+SPLITS = ("train", "test", "all")
+
+
+def images_path(path: str | os.PathLike) -> Path:
+    """Where the uint8 image array of the features file ``path`` lives."""
+    path = Path(path)
+    return path.with_name(path.stem + ".images.npy")
+
+
+def write_features(
+    path: str | os.PathLike,
+    *,
+    images: np.ndarray,
+    image_features: Tensor,
+    text_features: Tensor,
+    caption_counts: Tensor,
+    captions: list[list[str]],
+    ids: list[str],
+    split: list[str],
+    meta: dict[str, Any],
+) -> Path:
+    """Write a features file and its image array, each atomically (image array first).
+
+    images: uint8 [N, 256, 256, 3]; image_features: [N, D]; text_features: [N, K, D];
+    caption_counts: [N] in [0, K]; captions, ids, split: N entries each.
+    """
+    path = Path(path)
+    n = len(ids)
+    if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or len(images) != n:
+        raise ValueError(f"images must be uint8 [{n}, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got {images.dtype} {images.shape}")
+    if image_features.shape[0] != n or text_features.shape[0] != n or len(captions) != n or len(split) != n:
+        raise ValueError("image_features, text_features, captions and split must have one entry per id")
+    if bad := sorted(set(split) - {"train", "test"}):
+        raise ValueError(f"split entries must be 'train' or 'test', got {bad}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(images))
+        os.replace(tmp, images_path(path))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return atomic_save(
+        dict(
+            format=FEATURES_FORMAT,
+            meta=dict(meta, num_images=n, dim=int(image_features.shape[1]), image_size=IMAGE_SIZE),
+            ids=list(ids),
+            split=list(split),
+            captions=[list(c) for c in captions],
+            image_features=image_features.to(torch.float16).cpu(),
+            text_features=text_features.to(torch.float16).cpu(),
+            caption_counts=torch.as_tensor(caption_counts, dtype=torch.long).cpu(),
+        ),
+        path,
+    )
+
+
+def read_features(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a features file (without its images); clear errors for a wrong or missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path} (run `python -m helpers extract` first)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"cannot read features file {path}: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FEATURES_FORMAT:
+        raise ValueError(f"{path} is not a features file of this project (expected format {FEATURES_FORMAT!r})")
+    if not images_path(path).is_file():
+        raise FileNotFoundError(f"image array {images_path(path)} is missing: it must sit beside {path.name}")
+    return data
+
+
+def downsample(image: Tensor, size: int) -> Tensor:
+    """Area-downsample [..., 3, H, W] to [..., 3, size, size] (H a multiple of size)."""
+    if image.shape[-1] == size:
+        return image
+    squeeze = image.ndim == 3
+    out = F.avg_pool2d(image[None] if squeeze else image, kernel_size=image.shape[-1] // size)
+    return out[0] if squeeze else out
+
+
+class FeaturesDataset(Dataset):
+    """Training examples from a features file.
+
+    Item ``i`` is a dict:
+
+    - ``images``: list of ``num_stages`` tensors [3, 64 * 2**s, 64 * 2**s] in [-1, 1]: the
+      stored 256 px image area-downsampled to 64 and 128 px (never upsampled);
+    - ``image_feature``: [D] fp32, L2-normalised CLIP image feature;
+    - ``text_feature``: [D] one of the image's captions, chosen at random;
+    - ``mismatched_text_feature``: [D] a caption of another image (a negative for D);
+    - ``index``: int, the row in the features file.
+
+    Images without captions (language-free data) use their image feature as
+    ``text_feature``; training may then replace it by a pseudo text feature.
+    Randomness comes from torch's global generator (seeded per DataLoader worker).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, split: str = "train", num_stages: int = 3) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if num_stages not in (1, 2, 3):
+            raise ValueError(f"num_stages must be 1, 2 or 3, got {num_stages}")
+        data = read_features(path)
+        self.path = Path(path)
+        self.meta: dict[str, Any] = data["meta"]
+        self.num_stages = num_stages
+        rows = [i for i, s in enumerate(data["split"]) if split == "all" or s == split]
+        if not rows:
+            raise ValueError(f"{path} has no images in split {split!r}")
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.ids = [data["ids"][i] for i in rows]
+        self.captions = [data["captions"][i] for i in rows]
+        self.image_features = data["image_features"][self.rows].float()
+        self.text_features = data["text_features"][self.rows].float()
+        self.caption_counts = data["caption_counts"][self.rows]
+        self._images_file = images_path(path)
+        self._images: np.ndarray | None = None  # opened lazily: each DataLoader worker maps its own
+
+    @property
+    def dim(self) -> int:
+        return int(self.image_features.shape[1])
+
+    @property
+    def clip_spec(self) -> str:
+        return str(self.meta.get("clip_spec", ""))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, i: int) -> Tensor:
+        """The stored image of item ``i``: [3, 256, 256] in [-1, 1]."""
+        if self._images is None:
+            self._images = np.load(self._images_file, mmap_mode="r")
+        pixels = torch.from_numpy(np.array(self._images[int(self.rows[i])]))  # [256, 256, 3] uint8
+        return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+    def caption_feature(self, i: int) -> Tensor:
+        """A random caption feature of item ``i`` [D] (the image feature if it has no caption)."""
+        count = int(self.caption_counts[i])
+        if count == 0:
+            return self.image_features[i]
+        return self.text_features[i, int(torch.randint(count, ()))]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        full = self.image(i)
+        images = [downsample(full, 64 * 2**s) for s in range(self.num_stages)]
+        other = i
+        if len(self) > 1:
+            other = (i + 1 + int(torch.randint(len(self) - 1, ()))) % len(self)  # any item but i
+        return dict(
+            images=images,
+            image_feature=self.image_features[i],
+            text_feature=self.caption_feature(i),
+            mismatched_text_feature=self.caption_feature(other),
+            index=i,
+        )
