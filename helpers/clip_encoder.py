@@ -6,8 +6,21 @@ L2-normalised, the form the generator is conditioned on:
 - ``"ViT-B-32"`` (default): OpenAI's original weights through open_clip
   (``pretrained="openai"``, downloaded once by open_clip on first use);
 - ``"MODEL/PRETRAINED"``: any open_clip pair, e.g. ``"ViT-B-16/openai"``;
+  PRETRAINED may also be a local checkpoint file, e.g. ``"ViT-B-32//content/drive/MyDrive/vit.pt"``;
+- a path to a local weights file: either a file written by ``save_clip`` (an
+  open_clip CLIP with its configuration) or an OpenAI CLIP checkpoint (the
+  TorchScript ``ViT-B-32.pt`` of OpenAI's ``clip`` package, or its state dict);
+- ``"demo"``: the small CLIP trained on toy faces, ``assets/demo_clip.pt``
+  (rebuilt by ``python -m helpers build-demo``);
 - ``"tiny-random"``: a small random CLIP built from open_clip classes, seeded,
-  offline; for tests.
+  offline; for tests;
+- ``"openai-clip:NAME"`` (e.g. ``"openai-clip:ViT-B/32"``): OpenAI's own git
+  ``clip`` package, only when it is importable (open_clip gives the same weights).
+
+Long prompts: CLIP reads at most 77 tokens (start and end tokens included).
+A longer prompt is truncated to its first 75 tokens and a ``LongPromptWarning``
+names it; nothing is split or averaged, so a feature always comes from one
+CLIP pass over the beginning of the text.
 
 The weights are frozen and the model stays in eval mode; ``embed_generated``
 is differentiable with respect to its input images (for the CLIP loss).
@@ -15,11 +28,24 @@ is differentiable with respect to its input images (for the CLIP loss).
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONTEXT_LENGTH = 77  # CLIP's text window in tokens, start and end tokens included
+CLIP_FORMAT = "helpers-clip/1"  # the self-describing weights file written by save_clip
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_CLIP_PATH = ASSETS / "demo_clip.pt"
+OPENAI_CLIP_PREFIX = "openai-clip:"
+
+
+class LongPromptWarning(UserWarning):
+    """A prompt was longer than CLIP's 77-token window and was truncated."""
 
 # OpenAI CLIP's pixel normalisation (open_clip.constants.OPENAI_DATASET_MEAN / STD)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,14 +66,26 @@ class ClipEncoder(nn.Module):
     embed_generated(images [B, 3, H, W] in [-1, 1]) -> [B, dim], differentiable
     """
 
-    def __init__(self, model: nn.Module, tokenizer, spec: str, *, image_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        spec: str,
+        *,
+        image_size: int,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        count_tokens: Callable[[str], int] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.spec = spec
         self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        # Tokens of a text, start and end included; None when the tokenizer cannot tell.
+        self._count_tokens = count_tokens or _token_counter(tokenizer)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"])).shape[-1])
 
@@ -59,13 +97,29 @@ class ClipEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
+    def token_count(self, text: str) -> int:
+        """How many tokens CLIP would read for ``text``, start and end tokens included."""
+        return self._count_tokens(text)
+
+    def too_long(self, texts: list[str]) -> list[int]:
+        """Indices of the texts longer than CLIP's 77-token window (they will be truncated)."""
+        return [i for i, text in enumerate(texts) if self.token_count(text) > CONTEXT_LENGTH]
+
     def tokenize(self, texts: list[str]) -> Tensor:
-        """Token ids [N, 77]; empty prompts are an error."""
+        """Token ids [N, 77]; empty prompts are an error, long ones are truncated with a warning."""
         if isinstance(texts, str):
             texts = [texts]
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"prompt {i} is empty: write a sentence describing the face")
+        for i in self.too_long(texts):
+            preview = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
+            warnings.warn(
+                f"prompt {i} ({preview!r}) has {self.token_count(texts[i])} tokens; CLIP reads "
+                f"{CONTEXT_LENGTH}, so it was truncated to its beginning",
+                LongPromptWarning,
+                stacklevel=2,
+            )
         return self.tokenizer(list(texts))
 
     @torch.no_grad()
@@ -99,18 +153,116 @@ class ClipEncoder(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
 
-def _tiny_random(seed: int = 0) -> tuple[nn.Module, int]:
+def _token_counter(tokenizer) -> Callable[[str], int]:
+    """Token count of a text for open_clip's BPE tokenizer (start and end included)."""
+    encode = getattr(tokenizer, "encode", None)
+    if callable(encode):
+        return lambda text: len(encode(text)) + 2
+    # Other tokenizers: a text that fills the whole window may have been cut.
+    return lambda text: CONTEXT_LENGTH + 1 if int(tokenizer([text])[0, -1]) != 0 else CONTEXT_LENGTH
+
+
+def build_clip_model(model_cfg: dict[str, Any], *, seed: int | None = None) -> nn.Module:
+    """An open_clip ``CLIP`` from ``dict(embed_dim=, vision_cfg=dict(...), text_cfg=dict(...))``.
+
+    With ``seed`` the random initialisation is reproducible and the global RNG is left untouched.
+    """
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+    def build() -> nn.Module:
+        return open_clip.CLIP(
+            embed_dim=int(model_cfg["embed_dim"]),
+            vision_cfg=CLIPVisionCfg(**model_cfg["vision_cfg"]),
+            text_cfg=CLIPTextCfg(**model_cfg["text_cfg"]),
+        )
+
+    if seed is None:
+        return build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.CLIP(
-            embed_dim=TINY_RANDOM["embed_dim"],
-            vision_cfg=CLIPVisionCfg(**TINY_RANDOM["vision_cfg"]),
-            text_cfg=CLIPTextCfg(**TINY_RANDOM["text_cfg"]),
-        )
-    return model, TINY_RANDOM["vision_cfg"]["image_size"]
+        return build()
+
+
+def _tiny_random(seed: int = 0) -> tuple[nn.Module, int]:
+    return build_clip_model(TINY_RANDOM, seed=seed), TINY_RANDOM["vision_cfg"]["image_size"]
+
+
+def save_clip(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_cfg: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write an open_clip CLIP and its configuration so that ``load_clip(path)`` rebuilds it.
+
+    ``model_cfg`` is what ``build_clip_model`` takes; the tokenizer is always ViT-B/32's BPE.
+    The file is written atomically (``assets/demo_clip.pt`` is one such file).
+    """
+    from .checkpoint import atomic_save
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_save(dict(format=CLIP_FORMAT, model_cfg=model_cfg, state_dict=state, meta=dict(meta or {})), path)
+
+
+def _image_size(model: nn.Module) -> int:
+    size = getattr(model.visual, "image_size", None) or getattr(model.visual, "input_resolution", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _load_weights_file(path: Path) -> nn.Module:
+    """A CLIP from a ``save_clip`` file or an OpenAI checkpoint (TorchScript or state dict)."""
+    import open_clip
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except RuntimeError:
+        data = None  # a TorchScript archive: OpenAI's own ViT-B-32.pt
+    except Exception as err:
+        raise ValueError(f"cannot read CLIP weights file {path}: {err}") from err
+    if isinstance(data, dict) and data.get("format") == CLIP_FORMAT:
+        model = build_clip_model(data["model_cfg"])
+        model.load_state_dict(data["state_dict"])
+        return model
+    try:
+        return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+    except Exception as err:
+        raise ValueError(
+            f"{path} is neither a CLIP file written by helpers.clip_encoder.save_clip nor an OpenAI CLIP "
+            f"checkpoint ({err}); for other open_clip weights use the spec 'MODEL/{path}'"
+        ) from err
+
+
+def _load_openai_clip(name: str) -> ClipEncoder:
+    """OpenAI's git ``clip`` package as a backend (optional; never required)."""
+    try:
+        import clip  # OpenAI's package: pip install git+https://github.com/openai/CLIP.git
+    except ImportError as err:
+        raise ValueError(
+            f"spec {OPENAI_CLIP_PREFIX}{name} needs OpenAI's git `clip` package, which is not installed; "
+            f"use the spec 'ViT-B-32' (the same weights through open_clip) instead"
+        ) from err
+    model, _ = clip.load(name, device="cpu", jit=False)
+    model = model.float()
+
+    def tokenizer(texts: list[str]) -> Tensor:
+        return clip.tokenize(texts, truncate=True)
+
+    inner = getattr(clip, "_tokenizer", None)
+    counter = (lambda text: len(inner.encode(text)) + 2) if inner is not None else None
+    return ClipEncoder(model, tokenizer, OPENAI_CLIP_PREFIX + name, image_size=_image_size(model), count_tokens=counter)
+
+
+def _is_weights_file(spec: str) -> bool:
+    """A path to a weights file rather than an open_clip ``MODEL/PRETRAINED`` pair."""
+    import open_clip
+
+    if os.path.isfile(os.path.expanduser(spec)):
+        return True
+    if spec.partition("/")[0] in open_clip.list_models():
+        return False
+    return spec.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
 def load_clip(spec: str = "ViT-B-32", device: str | torch.device | None = None) -> ClipEncoder:
@@ -118,12 +270,36 @@ def load_clip(spec: str = "ViT-B-32", device: str | torch.device | None = None) 
     import open_clip
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("CLIP spec is empty: use 'ViT-B-32', 'demo', 'tiny-random', MODEL/PRETRAINED or a weights file")
+    if spec.startswith(OPENAI_CLIP_PREFIX):
+        return _load_openai_clip(spec[len(OPENAI_CLIP_PREFIX):]).to(device)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the same BPE vocabulary for every spec here
+    mean, std = CLIP_MEAN, CLIP_STD
     if spec == "tiny-random":
         model, image_size = _tiny_random()
+    elif spec == "demo":
+        if not DEMO_CLIP_PATH.is_file():
+            raise FileNotFoundError(
+                f"the demo CLIP is not built yet: {DEMO_CLIP_PATH} is missing. Build it with "
+                f"`python -m helpers build-demo`, or use --clip ViT-B-32 (downloads OpenAI's weights) "
+                f"or --clip tiny-random (offline, random, for tests)"
+            )
+        model = _load_weights_file(DEMO_CLIP_PATH)
+        image_size = _image_size(model)
+    elif _is_weights_file(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP weights file not found: {path}")
+        model = _load_weights_file(path)
+        image_size = _image_size(model)
     else:
         name, _, pretrained = spec.partition("/")
+        if pretrained.startswith("/") and not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"CLIP weights file not found: {pretrained}")
         model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained or "openai")
         tokenizer = open_clip.get_tokenizer(name)
-        image_size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size)
-    return ClipEncoder(model, tokenizer, spec, image_size=image_size).to(device)
+        image_size = _image_size(model)
+        cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+        mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    return ClipEncoder(model, tokenizer, spec, image_size=image_size, mean=mean, std=std).to(device)
