@@ -14,7 +14,9 @@ holding every image once, center-cropped and resized to 256 px, as uint8
 - ``captions``: N lists of caption strings (possibly empty: language-free data);
 - ``image_features``: [N, D] fp16, L2-normalised CLIP image features;
 - ``text_features``: [N, K, D] fp16, L2-normalised, K = the most captions per image;
-  ``caption_counts``: [N] int, how many of the K rows are real captions.
+  ``caption_counts``: [N] int, how many of the K rows are real captions;
+- ``attributes`` (optional, when the source has them): ``dict(names=list of A str,
+  values=bool [N, A])``, e.g. CelebA's 40 attributes or the toy faces' drawn ones.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ def write_features(
     ids: list[str],
     split: list[str],
     meta: dict[str, Any],
+    attributes: dict[str, Any] | None = None,
 ) -> Path:
     """Write a features file and its image array, each atomically (image array first).
 
     images: uint8 [N, 256, 256, 3]; image_features: [N, D]; text_features: [N, K, D];
-    caption_counts: [N] in [0, K]; captions, ids, split: N entries each.
+    caption_counts: [N] in [0, K]; captions, ids, split: N entries each;
+    attributes: optional ``dict(names=A names, values=bool [N, A])``.
     """
     path = Path(path)
     n = len(ids)
@@ -68,6 +72,12 @@ def write_features(
         raise ValueError("image_features, text_features, captions and split must have one entry per id")
     if bad := sorted(set(split) - {"train", "test"}):
         raise ValueError(f"split entries must be 'train' or 'test', got {bad}")
+    extra = {}
+    if attributes is not None:
+        names, values = list(attributes["names"]), torch.as_tensor(attributes["values"]).to(torch.bool).cpu()
+        if values.shape != (n, len(names)):
+            raise ValueError(f"attribute values must be bool [{n}, {len(names)}], got {tuple(values.shape)}")
+        extra["attributes"] = dict(names=names, values=values)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
     try:
@@ -87,6 +97,7 @@ def write_features(
             image_features=image_features.to(torch.float16).cpu(),
             text_features=text_features.to(torch.float16).cpu(),
             caption_counts=torch.as_tensor(caption_counts, dtype=torch.long).cpu(),
+            **extra,
         ),
         path,
     )
