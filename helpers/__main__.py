@@ -19,6 +19,7 @@ from .errors import UserError
 # name -> (module, one-line help); each module defines add_arguments() and run()
 COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("helpers.summary", "print the per-stage shape and parameter table of a preset"),
+    "sample": ("helpers.sample", "generate images from prompts into a PNG (grid, stage panel or interpolation)"),
     "extract": ("helpers.extract", "turn a captioned image source into a features file (CLIP features + 256 px images)"),
 }
 
