@@ -318,13 +318,13 @@ def parse_attribute_annotation(text: str, *, where: str = ANNOTATION_FILE) -> tu
 
     Returns (names, {image id (file name without suffix): bools}).
     """
-    lines = [line.split() for line in text.splitlines() if line.strip()]
+    lines = [(lineno, line.split()) for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(lines) < 2:
         raise ValueError(f"{where} is too short to be a CelebA attribute file")
-    start = 1 if len(lines[0]) == 1 and lines[0][0].isdigit() else 0
-    names = tuple(lines[start])
+    start = 1 if len(lines[0][1]) == 1 and lines[0][1][0].isdigit() else 0
+    names = tuple(lines[start][1])
     table = {}
-    for lineno, parts in enumerate(lines[start + 1 :], start + 3):
+    for lineno, parts in lines[start + 1 :]:
         if len(parts) != len(names) + 1:
             raise ValueError(f"{where}, line {lineno}: expected a file name and {len(names)} values, got {len(parts)} fields")
         table[PurePosixPath(parts[0]).stem] = tuple(_flag(v, where=f"{where}, line {lineno}") for v in parts[1:])
@@ -453,11 +453,11 @@ def _verify(path: Path, info: dict) -> None:
         )
 
 
-def local_copy(name: str, *, data_dir: Path, drive_dirs: Iterable[Path] = DRIVE_DIRS) -> Path | None:
+def local_copy(name: str, *, data_dir: Path, drive_dirs: Iterable[Path] | None = None) -> Path | None:
     """A user's copy of a named dataset: in ``data_dir``, then in the mounted Google Drive (zip or folder)."""
     info = DATASETS[name]
     stem = Path(info["filename"]).stem
-    for folder in (data_dir, *drive_dirs):
+    for folder in (data_dir, *(DRIVE_DIRS if drive_dirs is None else drive_dirs)):
         for candidate in (folder / info["filename"], folder / stem):
             if candidate.exists():
                 return candidate
