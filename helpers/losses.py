@@ -1,0 +1,69 @@
+"""Loss functions of the GAN: small, pure, fp32, averaged over the batch.
+
+Adversarial terms follow StackGAN (Zhang et al. 2017) in the stable logits form
+of BCE, including its mismatched-text term (a real image with another image's
+caption counts as fake). The contrastive terms follow LAFITE (Zhou et al. 2022):
+InfoNCE between image-side embeddings and CLIP text features, computed in fp32
+with cross-entropy and averaged over the batch (the bootcamp reference summed
+them, which tied their scale to the batch size).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _bce(logits: Tensor, target: float) -> Tensor:
+    """Mean BCE-with-logits of ``logits`` [B] against a constant target (0 or 1), fp32."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def d_adversarial_loss(real_logits: Tensor, fake_logits: Tensor, mismatched_logits: Tensor | None = None) -> Tensor:
+    """Discriminator loss: real -> 1, fake -> 0 (and mismatched pairs -> 0).
+
+    All logits are [B]. Without a mismatched term: BCE(real, 1) + BCE(fake, 0).
+    With it, StackGAN's weighting: BCE(real, 1) + (BCE(fake, 0) + BCE(mismatched, 0)) / 2,
+    so the "fake" side keeps the same total weight.
+    """
+    loss = _bce(real_logits, 1.0)
+    if mismatched_logits is None:
+        return loss + _bce(fake_logits, 0.0)
+    return loss + 0.5 * (_bce(fake_logits, 0.0) + _bce(mismatched_logits, 0.0))
+
+
+def g_adversarial_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss: BCE(D(fake), 1); fake_logits [B] -> scalar."""
+    return _bce(fake_logits, 1.0)
+
+
+def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) of conditioning augmentation, mean over all elements.
+
+    mu, logvar: [B, cond_dim]. The per-element mean is StackGAN's convention.
+    """
+    mu, logvar = mu.float(), logvar.float()
+    return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float = 0.5) -> Tensor:
+    """Symmetric InfoNCE between paired rows of ``image_emb`` and ``text_emb``.
+
+    image_emb [B, D], text_emb [B, D] (any scale: both are L2-normalised here, in
+    fp32). Row i of each is a positive pair; the other rows of the batch are the
+    negatives. The loss is the mean of the cross-entropy in both directions
+    (text -> images and image -> texts) on cosine similarities / temperature.
+    Perfectly aligned pairs at a low temperature give about 0; unrelated
+    embeddings give about log(B). A batch of one gives exactly 0 (no negatives).
+    """
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image_emb and text_emb must both be [B, D], got {list(image_emb.shape)} and {list(text_emb.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    img = F.normalize(image_emb.float(), dim=1)
+    txt = F.normalize(text_emb.float(), dim=1)
+    logits = txt @ img.t() / temperature  # [B_text, B_image]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))

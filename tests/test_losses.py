@@ -1,0 +1,70 @@
+"""Loss functions on known inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import losses
+
+
+def test_adversarial_losses_on_known_logits():
+    big = torch.full((4,), 20.0)
+    assert losses.d_adversarial_loss(big, -big).item() == pytest.approx(0.0, abs=1e-6)  # D is right
+    assert losses.d_adversarial_loss(-big, big).item() == pytest.approx(40.0, rel=1e-4)  # D is wrong
+    zero = torch.zeros(3)
+    assert losses.d_adversarial_loss(zero, zero).item() == pytest.approx(2 * math.log(2))
+    # the mismatched term shares the fake side's weight (StackGAN): real + (fake + mismatched) / 2
+    assert losses.d_adversarial_loss(zero, zero, zero).item() == pytest.approx(2 * math.log(2))
+    assert losses.d_adversarial_loss(big, -big, big).item() == pytest.approx(10.0, rel=1e-4)
+    assert losses.g_adversarial_loss(big).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.g_adversarial_loss(zero).item() == pytest.approx(math.log(2))
+
+
+def test_adversarial_losses_are_fp32_batch_means():
+    logits = torch.randn(6, dtype=torch.bfloat16)
+    loss = losses.g_adversarial_loss(logits)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(F.softplus(-logits.float()).mean().item(), rel=1e-5)
+    assert losses.g_adversarial_loss(logits.repeat(5)).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_kl_is_zero_for_the_prior_and_positive_otherwise():
+    zeros = torch.zeros(3, 8)
+    assert losses.kl_loss(zeros, zeros).item() == pytest.approx(0.0)
+    # per element: 0.5 * (mu^2 + e^logvar - 1 - logvar); mu = 1, logvar = 0 -> 0.5
+    assert losses.kl_loss(torch.ones(3, 8), zeros).item() == pytest.approx(0.5)
+    assert losses.kl_loss(torch.randn(3, 8), torch.randn(3, 8)).item() > 0
+
+
+def test_info_nce_aligned_pairs_at_low_temperature_is_near_zero():
+    x = F.normalize(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert losses.info_nce(x, x, temperature=0.01).item() < 1e-3
+    assert losses.info_nce(3.0 * x, x, temperature=0.01).item() < 1e-3  # scale does not matter
+
+
+@pytest.mark.parametrize("batch", [4, 16, 64])
+def test_info_nce_of_unrelated_embeddings_is_about_log_batch(batch):
+    g = torch.Generator().manual_seed(batch)
+    a, b = torch.randn(batch, 512, generator=g), torch.randn(batch, 512, generator=g)
+    # nearly orthogonal random vectors: every logit is about 0, so the loss is about log(B)
+    assert losses.info_nce(a, b, temperature=0.5).item() == pytest.approx(math.log(batch), rel=0.1)
+
+
+def test_info_nce_is_symmetric_fp32_and_differentiable():
+    a = torch.randn(5, 16, requires_grad=True)
+    b = torch.randn(5, 16)
+    loss = losses.info_nce(a.to(torch.bfloat16), b.to(torch.bfloat16))
+    assert loss.dtype == torch.float32
+    assert losses.info_nce(a, b).item() == pytest.approx(losses.info_nce(b, a).item(), rel=1e-5)
+    losses.info_nce(a, b).backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    assert losses.info_nce(a[:1], b[:1]).item() == pytest.approx(0.0)  # no negatives in a batch of one
+
+
+def test_info_nce_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="must both be"):
+        losses.info_nce(torch.randn(4, 8), torch.randn(4, 9))
+    with pytest.raises(ValueError, match="temperature"):
+        losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0)
