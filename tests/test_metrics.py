@@ -140,3 +140,21 @@ def test_inception_failure_says_what_to_do(monkeypatch):
     monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", offline)
     with pytest.raises(RuntimeError, match="feature extractor"):
         metrics.InceptionFeatures()
+
+
+def test_inception_features_wiring_without_download(monkeypatch):
+    """The Colab path with random weights: no download, just shapes, dtype checks and FID use."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a test must not download")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    extractor = metrics.InceptionFeatures()
+    features = extract_features(to_uint8(smooth_images(2, size=64)), extractor)
+    assert features.shape == (2, 2048) and extractor.num_features == 2048
+    assert "inception" in extractor.name
+    with pytest.raises(TypeError, match="uint8"):
+        extractor(smooth_images(1))

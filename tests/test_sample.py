@@ -114,7 +114,7 @@ def test_same_prompt_and_seed_give_the_same_image(model3):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     c = generate(PROMPTS[0], n=2, seed=12, model=model3)
     assert not torch.equal(a[-1], c[-1])
-    assert torch.allclose(a[-1][1], c[-1][0], atol=1e-4)  # seed 11 + 1 == seed 12 + 0
+    assert torch.allclose(a[-1][1], c[-1][0], atol=1e-3)  # seed 11 + 1 == seed 12 + 0
 
 
 def test_image_does_not_depend_on_the_rest_of_the_batch(model3):
@@ -122,8 +122,8 @@ def test_image_does_not_depend_on_the_rest_of_the_batch(model3):
     alone = generate(PROMPTS[1], n=1, seed=7, model=model3)
     chunked = generate(PROMPTS, n=3, seed=5, model=model3, batch_size=2)
     for stage in range(3):
-        assert torch.allclose(batch[stage][5], alone[stage][0], atol=1e-4)  # float rounding only
-        assert torch.allclose(batch[stage], chunked[stage], atol=1e-4)
+        assert torch.allclose(batch[stage][5], alone[stage][0], atol=1e-3)  # float rounding only
+        assert torch.allclose(batch[stage], chunked[stage], atol=1e-3)
     assert not torch.allclose(batch[-1][0], batch[-1][3], atol=1e-3)  # same seed, other prompt
 
 
