@@ -90,11 +90,11 @@ class PromptWidget(widgets.VBox):
 
     def _load_quietly(self) -> None:
         """Load the model now so the stage list is right; a failure becomes the message."""
-        try:
-            with self.output:
+        with self.output:  # errors are caught inside: see generate()
+            try:
                 self._ensure_model()
-        except (UserError, CheckpointError, FileNotFoundError, ValueError) as err:
-            self.message.value = _message(str(err), "#b00020")
+            except (UserError, CheckpointError, FileNotFoundError, ValueError) as err:
+                self.message.value = _message(str(err), "#b00020")
 
     # ---------------------------------------------------------------- handlers
 

@@ -80,3 +80,27 @@ def test_widget_uses_only_widgets_that_ipywidgets_7_has(ckpt2):
     kinds = {type(c).__name__ for c in (w, *w.children, *w.children[1].children)}
     assert kinds <= {"PromptWidget", "Textarea", "HBox", "BoundedIntText", "Button", "Dropdown", "HTML", "Image", "Output"}
     assert ipywidgets.__version__.split(".")[0] in {"7", "8"}
+
+
+def test_no_traceback_reaches_a_kernel(monkeypatch, tmp_path, ckpt2):
+    """In a kernel, an exception inside an Output context is printed as a traceback
+    (and swallowed); the widget must catch its errors before that happens."""
+    from ipywidgets.widgets import widget_output
+
+    class FakeShell:
+        tracebacks = []
+
+        def showtraceback(self, exc_tuple, **kwargs):
+            self.tracebacks.append(exc_tuple)
+
+    shell = FakeShell()
+    monkeypatch.setattr(widget_output, "get_ipython", lambda: shell)
+    monkeypatch.setattr(sample, "DEMO_GENERATOR", tmp_path / "demo_generator.pt")
+    w = prompt_widget()
+    w.generate()
+    assert "build-demo" in w.message.value
+    good = prompt_widget(ckpt2, device="cpu", n=1)
+    good.prompt.value = ""
+    good.generate()
+    assert "empty" in good.message.value
+    assert shell.tracebacks == []
