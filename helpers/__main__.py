@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("helpers.summary", "print the per-stage shape and parameter table of a preset"),
     "sample": ("helpers.sample", "generate images from prompts into a PNG (grid, stage panel or interpolation)"),
     "extract": ("helpers.extract", "turn a captioned image source into a features file (CLIP features + 256 px images)"),
+    "train": ("helpers.train", "train G and the discriminators on a features file (checkpoints, previews, metrics)"),
     "evaluate": ("helpers.evaluate", "score a checkpoint on a features file's test split: FID/KID, CLIP score, R-precision"),
 }
 

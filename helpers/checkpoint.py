@@ -11,6 +11,7 @@ interrupted write (a Colab disconnect) never leaves a broken file behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,64 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"{CHECKPOINT_FORMAT!r})"
         )
     return ckpt
+
+
+# --------------------------------------------------------------------------- run directories
+
+LATEST = "latest.pt"  # the newest training checkpoint of a run, in RUN_DIR/checkpoints/
+
+
+def snapshot_name(step: int) -> str:
+    """File name of the periodic snapshot at ``step``: ``step_0001234.pt``."""
+    return f"step_{step:07d}.pt"
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename (``dst`` is never half-written)."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, length=16 * 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def prune_snapshots(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``step_*.pt`` snapshots in ``directory``; returns the removed paths.
+
+    ``keep <= 0`` keeps every snapshot. ``latest.pt`` is never touched.
+    """
+    if keep <= 0:
+        return []
+    snapshots = sorted(Path(directory).glob("step_*.pt"))
+    removed = snapshots[:-keep]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def export_generator(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write a sampling-only file (format, model_config, clip_spec, step, G_ema) from a training checkpoint.
+
+    The export is a few times smaller than the training checkpoint: no
+    discriminators, optimiser moments or RNG states.
+    """
+    ckpt = load_checkpoint(checkpoint_path)
+    missing = [k for k in ("model_config", "clip_spec", "G_ema") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{checkpoint_path} lacks {missing}: it is not a training checkpoint or an export")
+    export = dict(
+        format=CHECKPOINT_FORMAT,
+        model_config=ckpt["model_config"],
+        clip_spec=ckpt["clip_spec"],
+        step=int(ckpt.get("step", 0)),
+        G_ema=ckpt["G_ema"],
+    )
+    return atomic_save(export, out_path)

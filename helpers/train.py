@@ -1,0 +1,925 @@
+"""Training: the typed config, one training step, and the loop around it.
+
+StackGAN++ training (Zhang et al. 2018) with LAFITE's contrastive losses (Zhou
+et al. 2022) and the EMA generator of StyleGAN (Karras et al.). One step:
+
+1. G generates every stage once from (text feature, z);
+2. D step: each stage's discriminator sees the real batch and the *detached*
+   fakes (detached: D's loss must not reach G), its trunk run once per image
+   batch with every head on the same features; all D optimisers step;
+3. G step: the same fakes, not detached, through the updated discriminators
+   (their weights frozen for this backward), plus the CLIP loss at the
+   configured stages and the KL term; G steps and the EMA copy follows.
+
+``train()`` adds the data order, checkpoints (exact resume), previews from the
+EMA generator, metrics and the loss-curve plot. ``python -m helpers train`` is
+the command line over it. Everything random in a step draws from one
+``torch.Generator`` saved in the checkpoint, and every data item is seeded by
+its position in the run, so a resumed run continues the same stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import losses
+from .augment import diff_augment, parse_policy
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    LATEST,
+    atomic_save,
+    copy_atomic,
+    load_checkpoint,
+    prune_snapshots,
+    snapshot_name,
+)
+from .config import ModelConfig, model_preset
+from .errors import UserError
+from .network import Generator, build_models
+
+PREVIEW_CAPTIONS = Path(__file__).resolve().parents[1] / "assets" / "preview_captions.txt"
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN or infinite; training stopped without saving the bad state."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the data; saved in every checkpoint."""
+
+    model: ModelConfig = field(default_factory=lambda: model_preset("demo"))  # network sizes (text_dim follows the data)
+    preset: str = "demo"  # the preset this config started from (for the record)
+    seed: int = 0  # seeds the weights, the data order and every random draw of a step
+    batch_size: int = 16  # images per step (>= 2: BatchNorm and InfoNCE need a batch)
+    steps: int | None = None  # total steps of the run; None: `epochs` full passes over the data
+    epochs: int = 10  # passes over the training split when `steps` is None
+    lr_g: float = 2e-4  # Adam learning rate of G (reference: 2e-4)
+    lr_d: float = 2e-4  # Adam learning rate of every D (reference: 2e-4)
+    beta1: float = 0.5  # Adam beta1 (reference: 0.5)
+    beta2: float = 0.999  # Adam beta2 (reference: 0.999)
+    uncond_weight: float = 1.0  # weight of the unconditional real/fake terms (0 turns them off)
+    mismatch: bool = True  # D also learns that a real image with another caption is fake (StackGAN)
+    align_weight: float = 5.0  # gamma: InfoNCE between D's alignment embedding and the text (LAFITE/reference: 5)
+    clip_weight: float = 10.0  # lambda: CLIP InfoNCE between generated images and the text (LAFITE/reference: 10)
+    clip_stages: list[int] = field(default_factory=lambda: [-1])  # stages with the CLIP loss (-1: the last)
+    kl_weight: float = 1.0  # beta: KL of conditioning augmentation (reference: 1)
+    temperature: float = 0.5  # tau of both InfoNCE losses (reference/LAFITE: 0.5)
+    language_free: bool = False  # LAFITE: train on image features + noise instead of caption features
+    pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
+    diffaugment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
+    ema_decay: float = 0.999  # G_ema <- decay * G_ema + (1 - decay) * G (ramped up over the first steps)
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); ignored on CPU
+    channels_last: bool = False  # NHWC memory layout for convolutions (faster on recent GPUs)
+    num_workers: int | None = None  # DataLoader worker processes; None: 2 on CUDA, 0 on the CPU
+    log_every: int = 10  # steps between metric lines (metrics.jsonl, on_log)
+    preview_every: int = 500  # steps between preview grids (and loss-curve updates)
+    checkpoint_every: int = 500  # steps between writes of checkpoints/latest.pt
+    snapshot_every: int = 5000  # steps between kept snapshots checkpoints/step_XXXXXXX.pt
+    keep_snapshots: int = 3  # snapshots kept on disk (older ones deleted; 0 keeps all)
+    mirror_dir: str | None = None  # a second folder (e.g. Google Drive) that receives a copy of every write
+    preview_captions: str | None = None  # text file, one caption per line; None: assets/preview_captions.txt
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        self.clip_stages = [int(s) for s in self.clip_stages]
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (BatchNorm and InfoNCE need a batch), got {self.batch_size}")
+        if self.steps is not None and self.steps < 0 or self.epochs < 0:
+            raise ValueError("steps and epochs must be >= 0")
+        for name in ("log_every", "preview_every", "checkpoint_every", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        n = self.model.num_stages
+        bad = [s for s in self.clip_stages if not -n <= s < n]
+        if bad:
+            raise ValueError(f"clip_stages {bad} out of range for {n} stages (use 0..{n - 1} or -1 for the last)")
+        parse_policy(self.diffaugment)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from ``to_dict`` output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # the reference run: batch 24, Adam 2e-4, three stages at 64/128/256 px, CLIP ViT-B/32
+    "faces": dict(
+        batch_size=24, epochs=10, amp=True, channels_last=True,
+        preview_every=500, checkpoint_every=500, snapshot_every=5000,
+    ),
+    # a small model that trains in minutes on a CPU (the embedded demo, toy faces)
+    "demo": dict(
+        batch_size=16, steps=2000, diffaugment="color,translation,cutout",
+        log_every=10, preview_every=100, checkpoint_every=100, snapshot_every=500,
+    ),
+}
+
+
+def train_preset(name: str, **overrides: Any) -> TrainConfig:
+    """The ``faces`` or ``demo`` training preset (with its model preset), with keyword overrides."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    values: dict[str, Any] = dict(model=model_preset(name), preset=name, **TRAIN_PRESETS[name])
+    return TrainConfig(**{**values, **overrides})
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, true/false, null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any] | list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A copy of ``cfg`` with overrides: ``{"lr_g": 1e-4, "model.nd": 4}`` or ``["lr_g=1e-4", "nd=4"]``.
+
+    Model fields may be named ``model.NAME`` or just ``NAME``. Values from
+    strings are parsed as JSON where possible (``4``, ``1e-4``, ``true``, ``null``).
+    """
+    if not isinstance(overrides, dict):
+        parsed = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            parsed[key.strip()] = _parse_value(value.strip())
+        overrides = parsed
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_values, model_values = cfg.to_dict(), cfg.model.to_dict()
+    for key, value in overrides.items():
+        name = key.removeprefix("model.")
+        if key.startswith("model.") or (key not in train_fields and name in model_fields):
+            if name not in model_fields:
+                raise ValueError(f"unknown model setting {name!r}; known: {sorted(model_fields)}")
+            model_values[name] = value
+        elif key in train_fields and key != "model":
+            default = train_values[key]
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            train_values[key] = value
+        else:
+            raise ValueError(
+                f"unknown setting {key!r}; training settings: {sorted(set(train_fields) - {'model'})}; "
+                f"model settings: {sorted(model_fields)}"
+            )
+    train_values["model"] = ModelConfig.from_dict(model_values)
+    return TrainConfig.from_dict(train_values)
+
+
+# --------------------------------------------------------------------------- small pure pieces
+
+
+def pseudo_text_features(image_features: Tensor, noise_level: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """LAFITE's fixed perturbation: normalize(f + xi * eps * ||f|| / ||eps||).
+
+    image_features [B, D] -> pseudo text features [B, D], L2-normalised; lets a
+    folder of uncaptioned images train a text-conditioned model.
+    """
+    f = image_features.float()
+    eps = torch.randn(f.shape, generator=generator, device=f.device)
+    eps = eps * f.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.nn.functional.normalize(f + noise_level * eps, dim=1)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm statistics) are copied."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay used after ``step`` steps: ramps up as (1 + step) / (10 + step) to ``decay``."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA global RNG states."""
+    state: dict[str, Any] = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned (CUDA states only where CUDA is present)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- data order
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is drawn with torch's RNG seeded by ``seed``.
+
+    The dataset picks captions and mismatched captions at random; seeding each
+    item by its position in the run makes the data stream independent of worker
+    processes and identical after a resume.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class RunBatches(Sampler):
+    """Batches of ``(index, item_seed)`` for steps ``start_step`` .. ``total_steps - 1`` of a run.
+
+    Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; the last partial
+    batch of an epoch is dropped (G's BatchNorm1d cannot take a batch of one,
+    and every step then has the same batch size). ``rank`` / ``world_size``
+    split each global batch between processes for distributed training.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, *, seed: int, start_step: int, total_steps: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if n < batch_size:
+            raise UserError(
+                f"the training split has {n} images, fewer than the batch size {batch_size}: "
+                "lower the batch size (--batch-size) or use more images"
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // batch_size
+
+    def epoch_order(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """(permutation [n], item seeds [n]) of ``epoch``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g), torch.randint(0, 2**62, (self.n,), generator=g)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order: tuple[int, tuple[Tensor, Tensor]] | None = None
+        for step in range(self.start_step, self.total_steps):
+            epoch, b = divmod(step, self.steps_per_epoch)
+            if order is None or order[0] != epoch:
+                order = (epoch, self.epoch_order(epoch))
+            perm, seeds = order[1]
+            rows = range(b * self.batch_size, (b + 1) * self.batch_size)[self.rank :: self.world_size]
+            yield [(int(perm[r]), int(seeds[r])) for r in rows]
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """G, G_ema, the discriminators, their optimisers and the step-level RNG, on one device.
+
+    ``train_step(batch)`` runs one full step and returns a dict of floats;
+    ``d_step`` and ``g_step`` are its two halves. ``state_dict()`` /
+    ``load_state_dict()`` give and take the checkpoint dict (without run-level
+    keys such as ``clip_spec``).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, clip: nn.Module, device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.clip = clip
+        G, D = build_models(cfg.model, seed=cfg.seed)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.G: Generator = G.to(self.device, memory_format=self.memory_format).train()
+        self.D = D.to(self.device, memory_format=self.memory_format).train()
+        self.G_ema: Generator = copy.deepcopy(self.G).eval().requires_grad_(False)
+        fused = self.device.type == "cuda"
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas, fused=fused)
+        self.opt_D = [torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas, fused=fused) for d in self.D]
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16 else None
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.clip_stages = sorted({s % cfg.model.num_stages for s in cfg.clip_stages}) if cfg.clip_weight > 0 else []
+        self.step = 0
+
+    # ----------------------------------------------------------------- helpers
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def _augment(self, images: Tensor) -> Tensor:
+        return diff_augment(images, self.cfg.diffaugment, generator=self.generator) if self.cfg.diffaugment else images
+
+    def _backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
+        # distributed training would all-reduce the gradients of this optimiser here
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def _check_finite(self, values: dict[str, float], phase: str) -> None:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            names = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1} ({phase}): {names}. Nothing of this step was "
+                "saved; the last good checkpoint is untouched. Resume from it with a lower learning rate "
+                "(--set lr_g=... lr_d=...), or without mixed precision (--set amp=false)."
+            )
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a collated dataset batch to the device; language-free runs swap in pseudo text features.
+
+        Returns real (list of [B, 3, 64*2**i, same] in [-1, 1]), text [B, D], mismatched [B, D].
+        """
+        real = [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for x in batch["images"]]
+        text = batch["text_feature"].to(self.device, torch.float32, non_blocking=True)
+        mismatched = batch["mismatched_text_feature"].to(self.device, torch.float32, non_blocking=True)
+        if self.cfg.language_free:
+            image = batch["image_feature"].to(self.device, torch.float32)
+            text = pseudo_text_features(image, self.cfg.pseudo_text_noise, generator=self.generator)
+            mismatched = pseudo_text_features(image.roll(1, dims=0), self.cfg.pseudo_text_noise, generator=self.generator)
+        return dict(real=real, text=text, mismatched=mismatched)
+
+    def generate(self, text: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """One G forward (train mode, with grad): text [B, D] -> (fakes per stage, mu, logvar)."""
+        B = text.shape[0]
+        z = torch.randn(B, self.cfg.model.z_dim, generator=self.generator, device=self.device)
+        with self.autocast():
+            return self.G(text, z, generator=self.generator)
+
+    # ----------------------------------------------------------------- the two halves of a step
+
+    def d_step(self, real: list[Tensor], fakes: list[Tensor], mu: Tensor, text: Tensor, mismatched: Tensor) -> dict[str, float]:
+        """Update every discriminator once; returns its loss terms as floats.
+
+        real / fakes: per stage [B, 3, 64*2**i, same] in [-1, 1]; mu [B, cond_dim]
+        (the condition D is given); text, mismatched: [B, D] text features.
+        """
+        cfg = self.cfg
+        condition = mu.detach().float()
+        with torch.no_grad():
+            _, mismatched_mu, _ = self.G.ca(mismatched, torch.zeros_like(condition))
+        terms: dict[str, Tensor] = {}
+        for i, (disc, opt) in enumerate(zip(self.D, self.opt_D)):
+            disc.requires_grad_(True)
+            opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                real_f = disc.features(self._augment(real[i]))
+                # detached: the D loss must not backpropagate into G (and G's graph stays for the G step)
+                fake_f = disc.features(self._augment(fakes[i].detach()))
+                mis = disc.cond_logits(real_f, mismatched_mu) if cfg.mismatch else None
+                cond = losses.d_adversarial_loss(disc.cond_logits(real_f, condition), disc.cond_logits(fake_f, condition), mis)
+                loss = cond
+                if cfg.uncond_weight > 0:
+                    uncond = losses.d_adversarial_loss(disc.uncond_logits(real_f), disc.uncond_logits(fake_f))
+                    loss = loss + cfg.uncond_weight * uncond
+                    terms[f"d{i}_uncond"] = uncond.detach()
+                if cfg.align_weight > 0:
+                    align = losses.info_nce(disc.align_embedding(real_f), text, temperature=cfg.temperature)
+                    loss = loss + cfg.align_weight * align
+                    terms[f"d{i}_align"] = align.detach()
+            terms[f"d{i}_cond"] = cond.detach()
+            terms[f"d{i}"] = loss.detach()
+            self._backward(loss)
+        values = dict(zip(terms, torch.stack(list(terms.values())).float().tolist()))  # one device sync
+        self._check_finite(values, "discriminator step")
+        for opt in self.opt_D:
+            self._step(opt)
+        values["d_loss"] = sum(values[f"d{i}"] for i in range(len(self.D)))
+        return values
+
+    def g_step(self, fakes: list[Tensor], mu: Tensor, logvar: Tensor, text: Tensor) -> dict[str, float]:
+        """Update G once from the (non-detached) fakes of this step; returns its loss terms as floats."""
+        cfg = self.cfg
+        condition = mu.detach().float()  # D's condition is a label: G must not move it to fool D
+        self.D.requires_grad_(False)  # no weight gradients for D in G's backward
+        self.opt_G.zero_grad(set_to_none=True)
+        terms: dict[str, Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        with self.autocast():
+            for i, disc in enumerate(self.D):
+                feats = disc.features(self._augment(fakes[i]))
+                loss = losses.g_adversarial_loss(disc.cond_logits(feats, condition))
+                if cfg.uncond_weight > 0:
+                    loss = loss + cfg.uncond_weight * losses.g_adversarial_loss(disc.uncond_logits(feats))
+                terms[f"g{i}_adv"] = loss.detach()
+                if cfg.align_weight > 0:
+                    align = losses.info_nce(disc.align_embedding(feats), text, temperature=cfg.temperature)
+                    loss = loss + cfg.align_weight * align
+                    terms[f"g{i}_align"] = align.detach()
+                if i in self.clip_stages:
+                    clip_loss = losses.info_nce(self.clip.embed_generated(fakes[i]), text, temperature=cfg.temperature)
+                    loss = loss + cfg.clip_weight * clip_loss
+                    terms[f"g{i}_clip"] = clip_loss.detach()
+                terms[f"g{i}"] = loss.detach()
+                total = total + loss
+            kl = losses.kl_loss(mu, logvar)
+            total = total + cfg.kl_weight * kl
+        terms["kl"] = kl.detach()
+        terms["g_loss"] = total.detach()
+        self._backward(total)
+        self.D.requires_grad_(True)
+        values = dict(zip(terms, torch.stack(list(terms.values())).float().tolist()))
+        self._check_finite(values, "generator step")
+        self._step(self.opt_G)
+        return values
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One full step on a collated dataset batch; returns every loss term as a float."""
+        b = self.prepare_batch(batch)
+        fakes, mu, logvar = self.generate(b["text"])  # once per step, reused by both halves
+        values = self.d_step(b["real"], fakes, mu, b["text"], b["mismatched"])
+        values.update(self.g_step(fakes, mu, logvar, b["text"]))
+        if self.scaler is not None:
+            self.scaler.update()
+        ema_update(self.G_ema, self.G, ema_decay_at(self.step, self.cfg.ema_decay))
+        self.step += 1
+        return values
+
+    # ----------------------------------------------------------------- previews and state
+
+    @torch.no_grad()
+    def preview(self, text: Tensor, z: Tensor) -> list[Tensor]:
+        """G_ema in eval mode, condition = mu (no CA noise): text [N, D], z [N, z_dim] -> images per stage in [-1, 1]."""
+        text, z = text.to(self.device, torch.float32), z.to(self.device, torch.float32)
+        ca_noise = torch.zeros(text.shape[0], self.cfg.model.cond_dim, device=self.device)
+        images, _, _ = self.G_ema.eval()(text, z, ca_noise)
+        return [img.float().cpu() for img in images]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Models, optimisers, scaler and RNG states (the checkpoint keys this object owns)."""
+        return dict(
+            step=self.step,
+            G=self.G.state_dict(),
+            G_ema=self.G_ema.state_dict(),
+            D=[d.state_dict() for d in self.D],
+            opt_G=self.opt_G.state_dict(),
+            opt_D=[o.state_dict() for o in self.opt_D],
+            scaler=None if self.scaler is None else self.scaler.state_dict(),
+            rng=dict(rng_state(), step_generator=self.generator.get_state()),
+        )
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; every trained model goes back to train mode."""
+        if len(ckpt["D"]) != len(self.D):
+            raise UserError(f"the checkpoint has {len(ckpt['D'])} discriminators, the model {len(self.D)}")
+        self.G.load_state_dict(ckpt["G"])
+        self.G_ema.load_state_dict(ckpt["G_ema"])
+        for disc, state in zip(self.D, ckpt["D"]):
+            disc.load_state_dict(state)
+        self.opt_G.load_state_dict(ckpt["opt_G"])
+        for opt, state in zip(self.opt_D, ckpt["opt_D"]):
+            opt.load_state_dict(state)
+        if self.scaler is not None and ckpt.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt.get("rng") or {}
+        if "torch" in rng:
+            set_rng_state(rng)
+        if "step_generator" in rng:
+            self.generator.set_state(rng["step_generator"])
+        self.step = int(ckpt["step"])
+        # the reference left resumed models in eval mode (frozen BatchNorm); not here
+        self.G.train()
+        self.D.train().requires_grad_(True)
+        self.G_ema.eval()
+
+
+# --------------------------------------------------------------------------- run directory helpers
+
+
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def preview_grid(images: list[Tensor]) -> Tensor:
+    """Images per stage (each [N, 3, h, h] in [-1, 1]) -> one grid [3, H, W] in [0, 1].
+
+    One row per stage, one column per caption; smaller stages are upscaled
+    (nearest) to the largest size so the rows line up.
+    """
+    size = images[-1].shape[-1]
+    rows = [torch.nn.functional.interpolate(img.float(), size=(size, size), mode="nearest") for img in images]
+    n, pad = rows[0].shape[0], 2
+    grid = torch.ones(3, len(rows) * (size + pad) + pad, n * (size + pad) + pad)
+    for r, row in enumerate(rows):
+        for c in range(n):
+            y, x = pad + r * (size + pad), pad + c * (size + pad)
+            grid[:, y : y + size, x : x + size] = (row[c].clamp(-1, 1) + 1) / 2
+    return grid
+
+
+def save_png(image: Tensor, path: Path) -> Path:
+    """Write [3, H, W] in [0, 1] as an 8-bit PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    _atomic_write_bytes(buffer.getvalue(), path)
+    return path
+
+
+def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    """Plot D/G totals and the contrastive terms of metrics.jsonl rows into a PNG (matplotlib, Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    steps = [row["step"] for row in history]
+    panels = [
+        ("adversarial", [k for k in ("d_loss", "g_loss", "kl") if history and k in history[-1]]),
+        ("contrastive (InfoNCE)", sorted({k for row in history for k in row if k.endswith(("_align", "_clip"))})),
+    ]
+    for ax_index, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, ax_index + 1)
+        for key in keys:
+            ax.plot(steps, [row.get(key, float("nan")) for row in history], label=key, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _atomic_write_bytes(buffer.getvalue(), path)
+    return path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file (a missing file gives [])."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_preview_captions(path: str | os.PathLike | None = None) -> list[str]:
+    """The fixed preview captions: one per non-empty line of ``path`` (default: assets/preview_captions.txt)."""
+    path = Path(path) if path else PREVIEW_CAPTIONS
+    if not path.is_file():
+        raise UserError(f"preview captions file not found: {path} (one caption per line)")
+    captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not captions:
+        raise UserError(f"{path} has no captions: write one caption per line")
+    return captions
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Within the block, a first Ctrl-C only sets a flag (the loop saves at the end of the step);
+    a second one raises KeyboardInterrupt at once. Only in the main thread; elsewhere a no-op."""
+    flag = {"hit": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["hit"]:
+            raise KeyboardInterrupt
+        flag["hit"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["hit"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class TrainResult:
+    """What ``train()`` returns."""
+
+    run_dir: Path  # the run directory
+    step: int  # steps done in total (resumed runs included)
+    epoch: int  # the epoch the last step belonged to
+    checkpoint: Path | None  # checkpoints/latest.pt
+    metrics: dict[str, Any]  # the last metrics row
+    history: list[dict[str, Any]]  # every metrics row of the run (metrics.jsonl)
+    previews: list[Path]  # preview grids written by this call
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def find_resume_checkpoint(run_dir: Path, resume: bool | str | os.PathLike, mirror_dir: str | None) -> Path:
+    """The checkpoint to resume from: an explicit path, or RUN_DIR/checkpoints/latest.pt, or the mirror's."""
+    if not isinstance(resume, bool):
+        return Path(resume)
+    candidates = [run_dir / "checkpoints" / LATEST]
+    if mirror_dir:
+        candidates.append(Path(mirror_dir) / "checkpoints" / LATEST)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"nothing to resume: no {candidates[0]}" + (f" or {candidates[1]}" if mirror_dir else "") +
+                    "; start a new run without --resume")
+
+
+def train(
+    features: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    overrides: dict[str, Any] | list[str] | tuple[str, ...] = (),
+    resume: bool | str | os.PathLike = False,
+    device: str | torch.device | None = None,
+    clip: nn.Module | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    on_sample: Callable[[int, Tensor, Path], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on the ``train`` split of a features file, writing the run into ``out``.
+
+    features: a features file (``python -m helpers extract``); its CLIP spec and
+        feature size set the run's CLIP model and ``model.text_dim``.
+    out: the run directory: checkpoints/latest.pt (+ step_XXXXXXX.pt snapshots),
+        metrics.jsonl, loss_curves.png, previews/step_XXXXXXX.png.
+    config: the training config (default: the ``demo`` preset, or on resume the
+        checkpoint's); ``overrides`` apply on top (see ``apply_overrides``).
+    resume: True continues from out/checkpoints/latest.pt (or the mirror's copy),
+        a path from that checkpoint; the model config always comes from it.
+    clip: an already loaded ClipEncoder of the features' spec (default: loaded here).
+    on_log(row): called with every metrics row; on_sample(step, grid [3, H, W] in
+        [0, 1], path): called with every preview grid.
+
+    A NaN/inf loss raises TrainingDiverged without saving; Ctrl-C saves
+    latest.pt and re-raises KeyboardInterrupt.
+    """
+    from tqdm.auto import tqdm
+
+    from .clip_encoder import load_clip
+    from .features import FeaturesDataset
+
+    run_dir = Path(out)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt: dict[str, Any] | None = None
+    latest = run_dir / "checkpoints" / LATEST
+    if resume:
+        mirror = (config.mirror_dir if config else None) or dict(_override_dict(overrides)).get("mirror_dir")
+        ckpt = load_checkpoint(find_resume_checkpoint(run_dir, resume, mirror), map_location=device)
+    elif latest.is_file():
+        raise UserError(f"{run_dir} already holds a run ({latest}); resume it with --resume or choose another --out")
+
+    if config is None:
+        config = TrainConfig.from_dict(ckpt["train_config"]) if ckpt else train_preset("demo")
+    cfg = apply_overrides(config, overrides)
+    probe = FeaturesDataset(features, split="train", num_stages=cfg.model.num_stages)
+    if ckpt is not None:
+        cfg = dataclasses.replace(cfg, model=ModelConfig.from_dict(ckpt["model_config"]))
+        if ckpt.get("clip_spec") != probe.clip_spec:
+            raise UserError(
+                f"the checkpoint was trained with CLIP {ckpt.get('clip_spec')!r}, the features file uses "
+                f"{probe.clip_spec!r}: extract the features with the same CLIP"
+            )
+    elif cfg.model.text_dim != probe.dim:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_dim=probe.dim))
+    if cfg.model.text_dim != probe.dim:
+        raise UserError(f"the model takes {cfg.model.text_dim}-d text features, the features file has {probe.dim}-d")
+    dataset = probe if probe.num_stages == cfg.model.num_stages else FeaturesDataset(
+        features, split="train", num_stages=cfg.model.num_stages
+    )
+    if not probe.clip_spec:
+        raise UserError(f"{features} does not name its CLIP model (meta['clip_spec']); extract it again")
+    if clip is None:
+        clip = load_clip(probe.clip_spec, device=device)
+    if getattr(clip, "dim", probe.dim) != probe.dim:
+        raise UserError(f"the CLIP model gives {clip.dim}-d features, the features file has {probe.dim}-d")
+
+    trainer = Trainer(cfg, clip=clip, device=device)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        del ckpt
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * max(steps_per_epoch, 1)
+    sampler = RunBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=trainer.step, total_steps=total_steps)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if device.type == "cuda" else 0)
+    loader = DataLoader(
+        SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+
+    metrics_path = run_dir / "metrics.jsonl"
+    history = [row for row in read_metrics(metrics_path) if row["step"] <= trainer.step]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes("".join(json.dumps(r) + "\n" for r in history).encode(), metrics_path)  # drop rows past the checkpoint
+    captions = load_preview_captions(cfg.preview_captions)
+    preview_text = clip.encode_text(captions)
+    preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    mirror = Path(cfg.mirror_dir) if cfg.mirror_dir else None
+    previews: list[Path] = []
+    state = dict(saved_step=trainer.step if latest.is_file() else -1)
+
+    def mirror_copy(path: Path) -> None:
+        if mirror is not None:
+            copy_atomic(path, mirror / path.relative_to(run_dir))
+
+    def save(*, snapshot: bool) -> Path:
+        ckpt_dir = run_dir / "checkpoints"
+        checkpoint = dict(
+            format=CHECKPOINT_FORMAT,
+            epoch=max(trainer.step - 1, 0) // max(steps_per_epoch, 1),
+            model_config=cfg.model.to_dict(),
+            train_config=cfg.to_dict(),
+            clip_spec=probe.clip_spec,
+            **trainer.state_dict(),
+        )
+        path = atomic_save(checkpoint, ckpt_dir / LATEST)
+        mirror_copy(path)
+        if snapshot:
+            snap = copy_atomic(path, ckpt_dir / snapshot_name(trainer.step))
+            mirror_copy(snap)
+            prune_snapshots(ckpt_dir, cfg.keep_snapshots)
+            if mirror is not None:
+                prune_snapshots(mirror / "checkpoints", cfg.keep_snapshots)
+        state["saved_step"] = trainer.step
+        return path
+
+    def write_preview() -> None:
+        grid = preview_grid(trainer.preview(preview_text, preview_z))
+        path = save_png(grid, run_dir / "previews" / f"step_{trainer.step:07d}.png")
+        previews.append(path)
+        mirror_copy(path)
+        if history:
+            mirror_copy(plot_loss_curves(history, run_dir / "loss_curves.png"))
+        if on_sample is not None:
+            on_sample(trainer.step, grid, path)
+
+    sums: dict[str, float] = {}
+    count, t0 = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
+    try:
+        with _deferred_interrupt() as interrupted:
+            if trainer.step == 0 and total_steps > 0:
+                write_preview()  # the untrained starting point, for comparison
+            for batch in loader:
+                values = trainer.train_step(batch)
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                bar.update(1)
+                step, done = trainer.step, trainer.step == total_steps
+                if step % cfg.log_every == 0 or done:
+                    elapsed = time.perf_counter() - t0
+                    row = dict(step=step, epoch=(step - 1) // max(steps_per_epoch, 1),
+                               images_per_s=count * cfg.batch_size / max(elapsed, 1e-9),
+                               **{k: v / count for k, v in sums.items()})
+                    history.append(row)
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_loss']:.3f}")
+                    if on_log is not None:
+                        on_log(row)
+                    sums, count, t0 = {}, 0, time.perf_counter()
+                if step % cfg.preview_every == 0 or done:
+                    write_preview()
+                if step % cfg.checkpoint_every == 0 or step % cfg.snapshot_every == 0 or done:
+                    save(snapshot=step % cfg.snapshot_every == 0 or done)
+                    mirror_copy(metrics_path)
+                if interrupted():
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if state["saved_step"] != trainer.step:
+            save(snapshot=False)
+        raise
+    finally:
+        bar.close()
+    if history:
+        plot_loss_curves(history, run_dir / "loss_curves.png")
+        mirror_copy(run_dir / "loss_curves.png")
+    if state["saved_step"] != trainer.step:
+        save(snapshot=True)
+    return TrainResult(
+        run_dir=run_dir,
+        step=trainer.step,
+        epoch=max(trainer.step - 1, 0) // max(steps_per_epoch, 1),
+        checkpoint=latest if latest.is_file() else None,
+        metrics=history[-1] if history else {},
+        history=history,
+        previews=previews,
+    )
+
+
+def _override_dict(overrides: dict[str, Any] | list[str] | tuple[str, ...]) -> dict[str, Any]:
+    if isinstance(overrides, dict):
+        return overrides
+    return {k.strip(): _parse_value(v.strip()) for k, _, v in (o.partition("=") for o in overrides)}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features", required=True, help="features file from `python -m helpers extract`")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, previews, metrics)")
+    parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default=None,
+                        help="training preset (default: faces; on --resume the checkpoint's config)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="total training steps")
+    length.add_argument("--epochs", type=int, default=None, help="passes over the training split")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                        help="continue RUN_DIR/checkpoints/latest.pt (or the given checkpoint) exactly")
+    parser.add_argument("--mirror", default=None, metavar="DIR", help="also copy every write here (e.g. Google Drive)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override config fields, e.g. --set lr_g=1e-4 nd=4 diffaugment=color,cutout")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = _override_dict(args.overrides)
+    if args.steps is not None:
+        overrides.update(steps=args.steps)
+    if args.epochs is not None:
+        overrides.update(epochs=args.epochs, steps=None)
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.mirror is not None:
+        overrides["mirror_dir"] = args.mirror
+    if args.resume and args.preset is not None:
+        raise UserError("--resume continues the checkpoint's own config; drop --preset (use --set to change fields)")
+    config = None if args.resume else train_preset(args.preset or "faces")
+
+    def on_log(row: dict[str, Any]) -> None:
+        if args.no_progress:
+            print(f"step {row['step']}: d_loss {row['d_loss']:.4f} g_loss {row['g_loss']:.4f} "
+                  f"({row['images_per_s']:.1f} images/s)", flush=True)
+
+    try:
+        result = train(args.features, args.out, config, overrides=overrides, resume=args.resume,
+                       device=args.device, on_log=on_log, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: saved {Path(args.out) / 'checkpoints' / LATEST}; continue with --resume")
+        return 130
+    print(f"done: {result.step} steps; checkpoint {result.checkpoint}; previews in {result.run_dir / 'previews'}")
+    return 0

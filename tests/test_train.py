@@ -1,0 +1,273 @@
+"""Training through its public entry points, on tiny synthetic data, on the CPU."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from helpers import losses
+from helpers.__main__ import main
+from helpers.checkpoint import CHECKPOINT_FORMAT, export_generator, load_checkpoint, prune_snapshots
+from helpers.config import ModelConfig
+from helpers.errors import UserError
+from helpers.features import FeaturesDataset
+from helpers.network import Generator
+from helpers.train import (
+    RunBatches,
+    SeededItems,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    apply_overrides,
+    pseudo_text_features,
+    train,
+    train_preset,
+)
+
+# two stages: the 256 px stage would cost most of a step (test_network covers three)
+TINY = dict(text_dim=32, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=2)
+TINY_SET = [f"{k}={v}" for k, v in TINY.items() if k != "text_dim"]
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(
+        model=ModelConfig(**TINY), batch_size=4, steps=4, diffaugment="color,translation,cutout",
+        log_every=1, preview_every=2, checkpoint_every=2, snapshot_every=2,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def model_tensors(ckpt):
+    """Every weight and optimiser moment of a checkpoint, flattened to name -> tensor."""
+    out = {f"G.{k}": v for k, v in ckpt["G"].items()}
+    out.update({f"G_ema.{k}": v for k, v in ckpt["G_ema"].items()})
+    for i, state in enumerate(ckpt["D"]):
+        out.update({f"D{i}.{k}": v for k, v in state.items()})
+    for name, opts in (("opt_G", [ckpt["opt_G"]]), ("opt_D", ckpt["opt_D"])):
+        for j, opt in enumerate(opts):
+            for p, s in opt["state"].items():
+                out.update({f"{name}{j}.{p}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
+    return out
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_trains_and_writes_checkpoint_metrics_and_previews(synthetic_features, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([
+        "train", "--features", str(synthetic_features), "--out", str(out), "--preset", "demo",
+        "--steps", "3", "--batch-size", "4", "--device", "cpu", "--no-progress",
+        "--set", *TINY_SET, "log_every=1", "preview_every=2", "checkpoint_every=2", "snapshot_every=2",
+    ])
+    assert code == 0, capsys.readouterr().err
+    ckpt = load_checkpoint(out / "checkpoints" / "latest.pt")
+    for key in ("format", "step", "epoch", "model_config", "train_config", "clip_spec", "G", "G_ema", "D",
+                "opt_G", "opt_D", "scaler", "rng"):
+        assert key in ckpt, key
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["step"] == 3 and ckpt["clip_spec"] == "tiny-random"
+    assert ckpt["model_config"]["text_dim"] == 32  # taken from the features file
+    assert len(ckpt["D"]) == len(ckpt["opt_D"]) == 2 and ckpt["model_config"]["num_stages"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step_0000002.pt", "step_0000003.pt"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["d_loss"]) and math.isfinite(r["g_loss"]) for r in rows)
+    assert {"d0_align", "g1_clip", "kl", "images_per_s"} <= set(rows[-1])
+    assert "g0_clip" not in rows[-1]  # the CLIP loss runs at the last stage only
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [
+        "step_0000000.png", "step_0000002.png", "step_0000003.png"
+    ]
+    assert (out / "loss_curves.png").stat().st_size > 0
+    assert "done: 3 steps" in capsys.readouterr().out
+
+    # the sampling-only export rebuilds G_ema from the config alone
+    export = export_generator(out / "checkpoints" / "latest.pt", tmp_path / "g.pt")
+    small = load_checkpoint(export)
+    assert set(small) == {"format", "model_config", "clip_spec", "step", "G_ema"}
+    G = Generator(ModelConfig.from_dict(small["model_config"]))
+    G.load_state_dict(small["G_ema"])
+    images, _, _ = G.eval()(torch.randn(2, 32), torch.randn(2, 8))
+    assert [tuple(i.shape) for i in images] == [(2, 3, 64, 64), (2, 3, 128, 128)]
+
+    # a second run into the same folder must ask for --resume
+    again = main(["train", "--features", str(synthetic_features), "--out", str(out), "--steps", "4",
+                  "--no-progress", "--set", *TINY_SET])
+    assert again == 2 and "--resume" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def test_resume_continues_exactly(synthetic_features, tmp_path, tiny_clip):
+    straight = train(synthetic_features, tmp_path / "a", tiny_config(steps=4), clip=tiny_clip, progress=False)
+    train(synthetic_features, tmp_path / "b", tiny_config(steps=2), clip=tiny_clip, progress=False)
+    resumed = train(synthetic_features, tmp_path / "b", None, overrides={"steps": 4}, resume=True,
+                    clip=tiny_clip, progress=False)
+    assert straight.step == resumed.step == 4
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 4
+    ta, tb = model_tensors(a), model_tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[-1]["g_loss"] == pytest.approx(straight.history[-1]["g_loss"], rel=1e-5)
+
+    # loading puts every trained model back in train mode (the reference left them in eval)
+    trainer = Trainer(tiny_config(), clip=tiny_clip)
+    trainer.G.eval()
+    trainer.D.eval()
+    trainer.load_state_dict(b)
+    assert trainer.step == 4 and trainer.G.training and all(d.training for d in trainer.D)
+    assert all(p.requires_grad for p in trainer.D.parameters()) and not trainer.G_ema.training
+
+
+def test_run_batches_resume_mid_epoch_and_drop_the_last_partial_batch():
+    full = list(RunBatches(9, 4, seed=3, start_step=0, total_steps=6))
+    assert [len(b) for b in full] == [4] * 6  # 2 steps per epoch: the 9th image waits for the next epoch
+    assert list(RunBatches(9, 4, seed=3, start_step=3, total_steps=6)) == full[3:]
+    epoch0 = [i for b in full[:2] for i, _ in b]
+    assert len(set(epoch0)) == 8
+    halves = [list(RunBatches(9, 4, seed=3, start_step=0, total_steps=6, rank=r, world_size=2)) for r in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*halves)] == [sorted(b) for b in full]
+    with pytest.raises(UserError, match="fewer than the batch size"):
+        RunBatches(3, 4, seed=0, start_step=0, total_steps=1)
+
+
+def test_seeded_items_do_not_depend_on_the_global_rng(synthetic_features):
+    items = SeededItems(FeaturesDataset(synthetic_features))
+    torch.manual_seed(1)
+    a = items[(2, 1234)]
+    torch.manual_seed(2)
+    b = items[(2, 1234)]
+    assert torch.equal(a["text_feature"], b["text_feature"])
+    assert torch.equal(a["mismatched_text_feature"], b["mismatched_text_feature"])
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failed_checkpoint_write_keeps_the_previous_latest(synthetic_features, tmp_path, tiny_clip, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(synthetic_features, tmp_path / "run", tiny_config(steps=4, snapshot_every=100), clip=tiny_clip,
+              progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert load_checkpoint(ckpt_dir / "latest.pt")["step"] == 2
+    assert [p.name for p in ckpt_dir.iterdir()] == ["latest.pt"]  # no temporary file left behind
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    synthetic_features, tmp_path, tiny_clip, monkeypatch
+):
+    real_kl, calls = losses.kl_loss, []
+
+    def kl_that_breaks(mu, logvar):
+        calls.append(1)
+        return real_kl(mu, logvar) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(losses, "kl_loss", kl_that_breaks)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3 \(generator step\): .*kl=nan"):
+        train(synthetic_features, tmp_path / "run", tiny_config(checkpoint_every=1), clip=tiny_clip, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["G"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "previews" / "step_0000003.png").exists()
+
+
+def test_keyboard_interrupt_saves_before_leaving(synthetic_features, tmp_path, tiny_clip):
+    def on_log(row):
+        if row["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C: finish the step, save, stop
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synthetic_features, tmp_path / "run", tiny_config(steps=8, checkpoint_every=100, snapshot_every=100),
+              clip=tiny_clip, on_log=on_log, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@pytest.fixture
+def trainer_and_batch(synthetic_features, tiny_clip):
+    from torch.utils.data import default_collate
+
+    ds = FeaturesDataset(synthetic_features)
+    batch = default_collate([ds[i] for i in range(3)])
+    return Trainer(tiny_config(), clip=tiny_clip), batch
+
+
+def test_d_step_sends_no_gradient_to_G_and_g_step_none_to_D(trainer_and_batch):
+    trainer, batch = trainer_and_batch
+    b = trainer.prepare_batch(batch)
+    fakes, mu, logvar = trainer.generate(b["text"])
+    values = trainer.d_step(b["real"], fakes, mu, b["text"], b["mismatched"])
+    assert all(p.grad is None for p in trainer.G.parameters())  # fakes were detached
+    assert all(p.grad is not None for d in trainer.D for p in d.parameters())
+    assert {"d0", "d1", "d_loss", "d0_cond", "d0_uncond", "d0_align", "d1_align"} <= set(values)
+    d_grads = [p.grad.clone() for p in trainer.D.parameters()]
+    trainer.g_step(fakes, mu, logvar, b["text"])  # the same fakes, not regenerated
+    assert all(p.grad is not None for p in trainer.G.parameters())
+    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, trainer.D.parameters()))
+    assert all(p.requires_grad for p in trainer.D.parameters())
+
+
+def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_clip):
+    f = torch.nn.functional.normalize(torch.randn(5, 32), dim=1)
+    pseudo = pseudo_text_features(f, 0.5, generator=torch.Generator().manual_seed(0))
+    assert pseudo.shape == (5, 32) and torch.allclose(pseudo.norm(dim=1), torch.ones(5))
+    cos = (pseudo * f).sum(1)
+    assert (cos > 0.7).all() and (cos < 1.0).all()  # near the image feature, not on it
+    _, batch = trainer_and_batch
+    trainer = Trainer(tiny_config(language_free=True, mismatch=False, uncond_weight=0.0), clip=tiny_clip)
+    values = trainer.train_step(batch)
+    assert trainer.step == 1 and all(math.isfinite(v) for v in values.values())
+    assert "d0_uncond" not in values
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_presets_round_trip_and_overrides():
+    for name in ("faces", "demo"):
+        cfg = train_preset(name)
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    cfg = apply_overrides(train_preset("demo"), ["lr_g=1e-4", "nd=4", "model.z_dim=8", "amp=false",
+                                                 "diffaugment=color,cutout", "steps=null", "lr_d=1"])
+    assert (cfg.lr_g, cfg.model.nd, cfg.model.z_dim, cfg.amp, cfg.diffaugment, cfg.steps) == (
+        1e-4, 4, 8, False, "color,cutout", None
+    )
+    assert isinstance(cfg.lr_d, float)
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        apply_overrides(cfg, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        apply_overrides(cfg, {"batch_size": 1})
+    with pytest.raises(ValueError, match="unknown DiffAugment policy"):
+        apply_overrides(cfg, {"diffaugment": "flip"})
+    with pytest.raises(ValueError, match="clip_stages"):
+        apply_overrides(cfg, {"clip_stages": [3]})
+
+
+def test_prune_snapshots_keeps_the_newest(tmp_path):
+    for step in (1, 2, 3, 4):
+        (tmp_path / f"step_{step:07d}.pt").write_bytes(b"x")
+    (tmp_path / "latest.pt").write_bytes(b"x")
+    removed = prune_snapshots(tmp_path, 2)
+    assert [p.name for p in removed] == ["step_0000001.pt", "step_0000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "step_0000003.pt", "step_0000004.pt"]
