@@ -67,8 +67,10 @@ def load_feature_extractor(
         except RuntimeError as err:
             if name == "inception":
                 raise UserError(str(err)) from err
+            cause = err.__cause__ or err
+            reason = f"{type(cause).__name__}: {cause}"[:120]
             note = (
-                f"Inception-v3 weights unavailable ({str(err).split(' (')[0]}); the CLIP image encoder stood in, "
+                f"Inception-v3 weights unavailable ({reason}); the CLIP image encoder stood in, "
                 "so FID/KID are not comparable with Inception FID figures"
             )
             name = "clip"
