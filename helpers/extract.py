@@ -350,21 +350,31 @@ def _extensions() -> list[str]:
 def _run_batches(src, encoder, area: _WorkArea, split_of, *, k, batch_size, save_every, workers, progress, on_batch, tqdm):
     state, arrays = area.state, area.arrays
     total = len(src.samples)
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(16, os.cpu_count() or 1)
     bar = tqdm(total=total, initial=state["next_index"], disable=not progress, desc="extract", unit="img")
     batches = 0
+    starts = list(range(state["next_index"], total, batch_size))
+
+    def submit(pool, start):
+        batch = src.samples[start : start + batch_size]
+        raw = []
+        for sample in batch:  # reads stay in this thread: a zip is read through one handle
+            try:
+                raw.append(sample.read())
+            except Exception as err:
+                raw.append(err)
+        return batch, [pool.submit(_try_load, data) for data in raw]
+
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for start in range(state["next_index"], total, batch_size):
-                batch = src.samples[start : start + batch_size]
-                raw = []
-                for sample in batch:  # reads stay in this thread: a zip is read through one handle
-                    try:
-                        raw.append(sample.read())
-                    except Exception as err:
-                        raw.append(err)
+            pending = submit(pool, starts[0]) if starts else None
+            for number, start in enumerate(starts):
+                batch, futures = pending
+                results = [f.result() for f in futures]
+                # Decode the next batch while CLIP encodes this one.
+                pending = submit(pool, starts[number + 1]) if number + 1 < len(starts) else None
                 good = []
-                for sample, index, result in zip(batch, range(start, start + len(batch)), pool.map(_try_load, raw)):
+                for sample, index, result in zip(batch, range(start, start + len(batch)), results):
                     if isinstance(result, str):
                         warnings.warn(f"skipped {sample.name}: {result}", SkippedImageWarning, stacklevel=4)
                         state["skipped"].append((sample.name, result))
