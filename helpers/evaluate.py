@@ -24,6 +24,7 @@ compare the numbers). Results are deterministic for a seed on one device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -142,6 +143,19 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- the protocol
 
 
+@contextlib.contextmanager
+def deterministic_kernels():
+    """While active, cuDNN uses deterministic convolution algorithms (no autotuning); the
+    previous settings come back afterwards. Makes a CUDA evaluation repeatable for a seed."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@deterministic_kernels()
 def evaluate(
     checkpoint: Any,
     features: str | os.PathLike,

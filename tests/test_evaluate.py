@@ -102,3 +102,38 @@ def test_bad_inputs_are_clear(tiny_checkpoint, synthetic_features):
     with pytest.raises(UserError, match="stage 3 does not exist"):
         evaluate(tiny_checkpoint, synthetic_features, stage=3, device="cpu", progress=False)
 
+
+@pytest.fixture
+def toy_features(synthetic_features):
+    """The synthetic features file dressed up as toy faces: random toy attributes per image."""
+    from helpers.toyfaces import TOY_ATTRIBUTES
+
+    data = torch.load(synthetic_features, weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(len(data["ids"]), len(TOY_ATTRIBUTES), generator=g) < 0.5
+    data["attributes"] = dict(names=list(TOY_ATTRIBUTES), values=values)
+    data["meta"]["source_kind"] = "toyfaces"
+    atomic_save(data, synthetic_features)
+    return synthetic_features
+
+
+def test_attribute_accuracy_on_toy_faces(tiny_checkpoint, toy_features, monkeypatch):
+    from helpers import attributes
+    from helpers.checkpoint import CheckpointError
+    from helpers.toyfaces import TOY_ATTRIBUTES
+
+    classifier = attributes.AttributeClassifier(len(TOY_ATTRIBUTES)).eval()  # random weights: wiring only
+    monkeypatch.setattr(attributes, "load_attribute_classifier", lambda **kwargs: classifier)
+    kwargs = dict(n_images=4, feature_extractor="random-conv", kid_subsets=2, device="cpu", progress=False)
+    report = evaluate(tiny_checkpoint, toy_features, **kwargs)
+    accuracy = report["attribute_accuracy"]
+    assert set(accuracy["per_attribute"]) == set(TOY_ATTRIBUTES)
+    assert 0 <= accuracy["mean"] <= 1 and "attribute" in format_report(report)
+    assert report["protocol"]["attribute_classifier"].startswith("toy-face attribute classifier")
+
+    def missing(**kwargs):
+        raise CheckpointError("checkpoint not found: assets/attribute_classifier.pt")
+
+    monkeypatch.setattr(attributes, "load_attribute_classifier", missing)
+    report = evaluate(tiny_checkpoint, toy_features, **kwargs)
+    assert "attribute_accuracy" not in report and "skipped" in report["protocol"]["attribute_note"]
