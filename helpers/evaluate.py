@@ -279,8 +279,12 @@ def evaluate(
     report: dict[str, Any] = dict(per_stage[str(64 * 2**last)])
     if classifier is not None and attr_sums:
         per_attribute = {name: total / n for name, total in attr_sums.items()}
+        # what answering every image with the commonest value of each attribute would score
+        wanted = attr_module.attributes_tensor(wanted_all).float().mean(0)  # [A] frequency of "present"
         report["attribute_accuracy"] = dict(
-            mean=sum(per_attribute.values()) / len(per_attribute), per_attribute=per_attribute
+            mean=sum(per_attribute.values()) / len(per_attribute),
+            per_attribute=per_attribute,
+            majority_baseline=float(torch.maximum(wanted, 1 - wanted).mean()),
         )
     if len(stages) > 1:
         report["per_stage"] = per_stage
@@ -336,6 +340,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [(label, fmt(report[key])) for key, label in names if key in report]
     if "attribute_accuracy" in report:
         rows.append(("attribute accuracy", fmt(report["attribute_accuracy"]["mean"])))
+        rows.append(("  majority baseline", fmt(report["attribute_accuracy"]["majority_baseline"])))
     lines = []
     if "per_stage" in report:
         header = f"{'metric':<22}" + "".join(f"{res + ' px':>12}" for res in report["per_stage"])
@@ -343,7 +348,9 @@ def format_report(report: dict[str, Any]) -> str:
         for key, label in names:
             lines.append(f"{label:<22}" + "".join(f"{fmt(m[key]):>12}" for m in report["per_stage"].values()))
         if "attribute_accuracy" in report:
-            lines.append(f"{'attribute accuracy':<22}{fmt(report['attribute_accuracy']['mean']):>12} (last stage)")
+            accuracy = report["attribute_accuracy"]
+            lines.append(f"{'attribute accuracy':<22}{fmt(accuracy['mean']):>12} (last stage; majority baseline "
+                         f"{fmt(accuracy['majority_baseline'])})")
     else:
         width = max(len(label) for label, _ in rows)
         lines += [f"{label:<{width}}  {value}" for label, value in rows]

@@ -129,6 +129,7 @@ def test_attribute_accuracy_on_toy_faces(tiny_checkpoint, toy_features, monkeypa
     accuracy = report["attribute_accuracy"]
     assert set(accuracy["per_attribute"]) == set(TOY_ATTRIBUTES)
     assert 0 <= accuracy["mean"] <= 1 and "attribute" in format_report(report)
+    assert 0.5 <= accuracy["majority_baseline"] <= 1
     assert report["protocol"]["attribute_classifier"].startswith("toy-face attribute classifier")
 
     def missing(**kwargs):
