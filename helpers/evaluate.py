@@ -245,7 +245,8 @@ def evaluate(
             fake_feats[s].append(metrics.extract_features(pixels, extractor, batch_size=batch_size))
             image_embs[s].append(clip.encode_images(pixels.to(device)).float().cpu())
         if classifier is not None:
-            result = attr_module.attribute_accuracy(images[stages[-1]], wanted_all[rows], classifier=classifier)
+            quantised = metrics.to_uint8(images[stages[-1]]).float() / 127.5 - 1  # the PNG the user would see
+            result = attr_module.attribute_accuracy(quantised, wanted_all[rows], classifier=classifier)
             b = rows.stop - rows.start
             for name, acc in result["per_attribute"].items():
                 attr_sums[name] = attr_sums.get(name, 0.0) + float(acc) * b
