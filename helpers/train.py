@@ -246,9 +246,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``rng_state`` returned (CUDA states only where CUDA is present)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # --------------------------------------------------------------------------- data order
@@ -527,7 +527,7 @@ class Trainer:
         if "torch" in rng:
             set_rng_state(rng)
         if "step_generator" in rng:
-            self.generator.set_state(rng["step_generator"])
+            self.generator.set_state(rng["step_generator"].cpu())
         self.step = int(ckpt["step"])
         # the reference left resumed models in eval mode (frozen BatchNorm); not here
         self.G.train()
@@ -721,7 +721,8 @@ def train(
     latest = run_dir / "checkpoints" / LATEST
     if resume:
         mirror = (config.mirror_dir if config else None) or dict(_override_dict(overrides)).get("mirror_dir")
-        ckpt = load_checkpoint(find_resume_checkpoint(run_dir, resume, mirror), map_location=device)
+        # on the CPU: RNG states must stay CPU byte tensors; load_state_dict moves weights to the device
+        ckpt = load_checkpoint(find_resume_checkpoint(run_dir, resume, mirror), map_location="cpu")
     elif latest.is_file():
         raise UserError(f"{run_dir} already holds a run ({latest}); resume it with --resume or choose another --out")
 
