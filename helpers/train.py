@@ -581,19 +581,21 @@ def save_png(image: Tensor, path: Path) -> Path:
 
 
 def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
-    """Plot D/G totals and the contrastive terms of metrics.jsonl rows into a PNG (matplotlib, Agg)."""
+    """Plot metrics.jsonl rows (totals, adversarial terms, contrastive terms) into a PNG (matplotlib, Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), dpi=100)
+    fig = Figure(figsize=(15, 4), dpi=100)
     FigureCanvasAgg(fig)
     steps = [row["step"] for row in history]
+    keys = sorted({k for row in history for k in row})
     panels = [
-        ("adversarial", [k for k in ("d_loss", "g_loss", "kl") if history and k in history[-1]]),
-        ("contrastive (InfoNCE)", sorted({k for row in history for k in row if k.endswith(("_align", "_clip"))})),
+        ("weighted totals", [k for k in ("d_loss", "g_loss") if k in keys]),
+        ("adversarial BCE and KL", [k for k in keys if k.endswith(("_cond", "_uncond", "_adv")) or k == "kl"]),
+        ("contrastive InfoNCE", [k for k in keys if k.endswith(("_align", "_clip"))]),
     ]
     for ax_index, (title, keys) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, ax_index + 1)
+        ax = fig.add_subplot(1, len(panels), ax_index + 1)
         for key in keys:
             ax.plot(steps, [row.get(key, float("nan")) for row in history], label=key, linewidth=1)
         ax.set_title(title)
