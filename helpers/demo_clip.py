@@ -77,6 +77,7 @@ def train_clip(
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
+    torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
     gen = torch.Generator().manual_seed(seed)
     model = build_clip_model(config, seed=seed)
     model.train()

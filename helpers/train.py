@@ -719,6 +719,10 @@ def train(
 
     run_dir = Path(out)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        # Tiny (denormal) floats appear as G and D settle and make CPU arithmetic many
+        # times slower: measured 1 s -> 15 s per demo step over 25 steps without this.
+        torch.set_flush_denormal(True)
     ckpt: dict[str, Any] | None = None
     latest = run_dir / "checkpoints" / LATEST
     if resume:

@@ -1,0 +1,305 @@
+"""The embedded demo: build it from scratch, and measure what it learned.
+
+``python -m helpers build-demo`` draws toy faces, trains the demo CLIP on them,
+extracts features with it, trains the ``demo`` generator preset with the
+project's own trainer, and writes to ``assets/``:
+
+- ``demo_clip.pt``: the demo CLIP (``load_clip("demo")``);
+- ``demo_generator.pt``: the EMA generator, its config and CLIP spec
+  (``load_generator(None)``);
+- ``demo_grid.png``: an example grid for the README;
+- ``demo_report.json``: the CLIP's retrieval and the generator's quality numbers.
+
+Quality (``measure_quality``): images generated from held-out captions are
+judged by the toy faces attribute classifier (does "blond hair, eyeglasses"
+give blond hair and eyeglasses?), and diversity across seeds is compared with
+real toy faces that share the same attributes (mode collapse check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_PROMPTS = (
+    "The woman has blond hair and wears eyeglasses.",
+    "The man has black hair and a goatee, and is smiling.",
+    "She has brown hair with bangs and wears lipstick.",
+    "The man has gray hair and wears a hat.",
+)
+
+
+def _log(on_log: Callable[[str], None] | None, message: str) -> None:
+    if on_log is not None:
+        on_log(message)
+
+
+def load_toyfaces_folder(folder: str | os.PathLike, *, size: int = 64, ids: list[str] | None = None):
+    """(images uint8 [N, size, size, 3], captions N lists, attributes bool [N, A], names) of a toy faces folder."""
+    from PIL import Image
+
+    from .toyfaces import TOY_ATTRIBUTES, read_attributes_csv
+
+    folder = Path(folder)
+    table = read_attributes_csv(folder / "attributes.csv")
+    files = sorted(table) if ids is None else [f"{i}.png" if not i.endswith(".png") else i for i in ids]
+    images, captions, attributes = [], [], []
+    for name in files:
+        with Image.open(folder / name) as im:
+            images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BOX)))
+        captions.append([line for line in (folder / name).with_suffix(".txt").read_text().splitlines() if line.strip()])
+        attributes.append([table[name][a] for a in TOY_ATTRIBUTES])
+    return np.stack(images), captions, np.array(attributes, dtype=bool), list(TOY_ATTRIBUTES)
+
+
+def build_demo(
+    work_dir: str | os.PathLike = "runs/demo-build",
+    *,
+    assets_dir: str | os.PathLike = ASSETS,
+    seed: int = 0,
+    num_faces: int = 12000,
+    clip_steps: int = 1000,
+    gan_steps: int = 5000,
+    device: str | torch.device | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Rebuild the demo CLIP and generator from scratch; returns the report dict.
+
+    Deterministic for ``seed`` on a given machine. Intermediate files (toy faces,
+    features, the training run) go to ``work_dir``; the shipped files to ``assets_dir``.
+    """
+    from .checkpoint import copy_atomic, load_checkpoint
+    from .clip_encoder import load_clip, save_clip
+    from .config import ModelConfig
+    from .demo_clip import DEMO_CLIP_CONFIG, retrieval_top1, train_clip
+    from .extract import assign_split, extract_features
+    from .network import Generator
+    from .sample import save_generator
+    from .toyfaces import write_toyfaces
+    from .train import train
+
+    work, assets = Path(work_dir), Path(assets_dir)
+    assets.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        _log(on_log, f"{name}: {timings[name]:.0f} s")
+
+    t0 = time.perf_counter()
+    faces = work / "toyfaces"
+    if not (faces / "attributes.csv").is_file():  # written last: its presence means the folder is complete
+        write_toyfaces(faces, n=num_faces, seed=seed)
+    lap("toy faces", t0)
+
+    # The CLIP learns from the training split only: the test split stays held out.
+    t0 = time.perf_counter()
+    ids = sorted(p.stem for p in faces.glob("*.png"))
+    split, _ = assign_split(ids, "auto", kind="folder", seed=seed)
+    train_ids = [i for i, s in zip(ids, split) if s == "train"]
+    test_ids = [i for i, s in zip(ids, split) if s == "test"]
+    work_clip = work / "demo_clip.pt"
+    if work_clip.is_file():  # a rerun after an interruption reuses the trained CLIP
+        clip_model = load_clip(str(work_clip), device="cpu").model
+    else:
+        images, captions, _, _ = load_toyfaces_folder(faces, ids=train_ids)
+        clip_model = train_clip(images, captions, steps=clip_steps, seed=seed, config=DEMO_CLIP_CONFIG)
+    t_images, t_captions, t_attrs, _ = load_toyfaces_folder(faces, ids=test_ids)
+    rng = np.random.default_rng(seed)
+    one_caption = [caps[int(rng.integers(len(caps)))] for caps in t_captions]
+    retrieval = retrieval_top1(clip_model, t_images, one_caption, t_attrs, pool=min(100, len(test_ids)), seed=seed)
+    save_clip(work_clip, clip_model, model_cfg=DEMO_CLIP_CONFIG,
+              meta=dict(seed=seed, steps=clip_steps, train_images=len(train_ids), retrieval=retrieval))
+    lap("demo CLIP", t0)
+    _log(on_log, f"demo CLIP retrieval (top-1 among 100 held-out): {retrieval}")
+
+    t0 = time.perf_counter()
+    clip = load_clip(str(work_clip), device=device)
+    clip.spec = "demo"  # the features, the run and the shipped generator all name the embedded CLIP
+    features = work / "features.pt"
+    if not features.is_file():
+        extract_features(faces, features, clip=clip, captions_per_image=10, split="auto", seed=seed, device=device)
+    lap("extraction", t0)
+
+    t0 = time.perf_counter()
+    run_dir = work / "run"
+    resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+    result = train(features, run_dir, demo_train_config(gan_steps, seed=seed), clip=clip, device=device, resume=resume)
+    lap("generator training", t0)
+
+    ckpt = load_checkpoint(result.checkpoint)
+    G = Generator(ModelConfig.from_dict(ckpt["model_config"]))
+    G.load_state_dict(ckpt["G_ema"])
+    generator_path = save_generator(work / "demo_generator.pt", G, clip_spec="demo", step=int(ckpt["step"]))
+
+    t0 = time.perf_counter()
+    quality = measure_quality(generator_path, features, seed=seed)
+    lap("quality", t0)
+    write_example_grid(generator_path, work / "demo_grid.png", clip=clip)
+    # Ship: the CLIP, the generator and the grid are copied into assets/ together, at the end.
+    for name in ("demo_clip.pt", "demo_generator.pt", "demo_grid.png"):
+        copy_atomic(work / name, assets / name)
+
+    report = dict(
+        seed=seed, num_faces=num_faces, clip_steps=clip_steps, gan_steps=gan_steps,
+        clip_retrieval=retrieval, quality=quality, timings_s=timings,
+        total_minutes=round((time.perf_counter() - started) / 60, 1),
+        device=str(clip.device), threads=torch.get_num_threads(),
+    )
+    (assets / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def demo_train_config(steps: int, *, seed: int = 0):
+    """The ``demo`` training preset as the embedded demo uses it.
+
+    DiffAugment keeps to translation (colour jitter would blur the hair-colour
+    attributes D must judge) and the CLIP loss acts at 64 px as well as at the
+    last stage (the demo CLIP looks at 64 px images, so it is cheap there).
+    """
+    from .train import train_preset
+
+    return train_preset(
+        "demo", steps=steps, seed=seed, diffaugment="translation", clip_stages=[0, -1],
+        checkpoint_every=250, preview_every=500, snapshot_every=2500,
+    )
+
+
+def write_example_grid(generator_path: str | os.PathLike, out: str | os.PathLike, *, clip, seed: int = 0) -> Path:
+    """The README's example: the demo prompts x 4 seeds at 128 px, with captions."""
+    from .pictures import prompt_grid
+    from .sample import generate_from_features, load_generator
+
+    model = load_generator(generator_path, device="cpu")
+    seeds = [seed + j for j in range(4)]
+    text = clip.encode_text(list(DEMO_PROMPTS)).cpu().repeat_interleave(len(seeds), dim=0)
+    images = generate_from_features(model, text, seeds * len(DEMO_PROMPTS))
+    picture = prompt_grid(images[-1], list(DEMO_PROMPTS), seeds, size=128)
+    out = Path(out)
+    picture.save(out, optimize=True)
+    return out
+
+
+def pairwise_distance(images: Tensor) -> float:
+    """Mean pairwise RMS pixel distance of images [N, 3, H, W] in [-1, 1] (N >= 2)."""
+    flat = images.flatten(1).double()
+    d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    n = len(flat)
+    return float(d.sum() / (n * (n - 1)))
+
+
+@torch.no_grad()
+def measure_quality(
+    checkpoint: str | os.PathLike | None,
+    features: str | os.PathLike,
+    *,
+    num_captions: int = 200,
+    seeds: int = 4,
+    seed: int = 0,
+    diversity_prompts: int = 20,
+    diversity_seeds: int = 8,
+) -> dict[str, Any]:
+    """Attribute accuracy and diversity of a generator trained on toy faces.
+
+    Accuracy: ``num_captions`` held-out captions (test split of ``features``, one
+    per image) x ``seeds`` seeds; every stage's images are judged by the toy faces
+    attribute classifier against the attributes of the caption's image.
+    Diversity: for ``diversity_prompts`` held-out captions, the mean pairwise RMS
+    distance (64 px) between ``diversity_seeds`` generated images, divided by the
+    same distance between real toy faces that have exactly the caption's
+    attributes. About 1 means as varied as real faces; near 0 means mode collapse.
+    """
+    from .attributes import attribute_accuracy, load_attribute_classifier
+    from .features import FeaturesDataset, downsample, read_features
+    from .sample import generate_from_features, load_generator
+    from .toyfaces import TOY_ATTRIBUTES, iter_toyfaces
+
+    data = read_features(features)
+    attrs = data.get("attributes")
+    if attrs is None:
+        raise ValueError(f"{features} has no attributes: measure_quality needs toy faces features")
+    model = load_generator(checkpoint)
+    test = FeaturesDataset(features, split="test", num_stages=1)
+    if len(test) < 2:
+        raise ValueError("the features file needs a test split with at least 2 images")
+    names = list(attrs["names"])
+    values = torch.as_tensor(attrs["values"], dtype=torch.bool)[test.rows]
+    order = [names.index(a) for a in TOY_ATTRIBUTES]
+    values = values[:, order]
+    rng = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(test), generator=rng)[:num_captions]
+    caption_rows = [int(torch.randint(max(1, int(test.caption_counts[i])), (), generator=rng)) for i in picks]
+    text = torch.stack([test.text_features[i, r] for i, r in zip(picks.tolist(), caption_rows)])
+    feats = text.repeat_interleave(seeds, dim=0)
+    wanted = values[picks].repeat_interleave(seeds, dim=0)
+    seed_list = [seed + j for _ in range(len(picks)) for j in range(seeds)]
+    images = generate_from_features(model, feats, seed_list)
+    classifier = load_attribute_classifier()
+    per_stage = {}
+    for s, imgs in enumerate(images):
+        acc = attribute_accuracy(imgs, wanted, classifier=classifier)
+        per_stage[str(model.resolutions[s])] = acc
+
+    # Diversity against real faces with the same attributes.
+    real_pool: dict[tuple[bool, ...], list[Tensor]] = {}
+    needed = {tuple(values[i].tolist()) for i in picks[:diversity_prompts].tolist()}
+    for index, (image, a, _) in enumerate(iter_toyfaces(4000, seed=seed + 7777)):
+        key = tuple(a[n] for n in TOY_ATTRIBUTES)
+        if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
+            arr = torch.from_numpy(np.asarray(image.reduce(4))).permute(2, 0, 1).float() / 127.5 - 1
+            real_pool[key].append(arr)
+    gen_d, real_d = [], []
+    for i in picks[:diversity_prompts].tolist():
+        key = tuple(values[i].tolist())
+        if len(real_pool.get(key, [])) < 2:
+            continue
+        feat = test.text_features[i, 0:1].repeat(diversity_seeds, 1)
+        g = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])[-1]
+        gen_d.append(pairwise_distance(downsample(g, 64)))
+        real_d.append(pairwise_distance(torch.stack(real_pool[key])))
+    diversity = dict(
+        generated=float(np.mean(gen_d)) if gen_d else None,
+        real=float(np.mean(real_d)) if real_d else None,
+        prompts=len(gen_d),
+    )
+    if gen_d:
+        diversity["ratio"] = diversity["generated"] / diversity["real"]
+    last = per_stage[str(model.resolutions[-1])]
+    return dict(
+        attribute_accuracy=last["mean"], per_attribute=last["per_attribute"], per_stage=per_stage,
+        diversity=diversity, captions=len(picks), seeds=seeds, checkpoint_step=model.step,
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", default="runs/demo-build", help="where intermediate files go")
+    parser.add_argument("--assets-dir", default=str(ASSETS), help="where the demo files are written")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-faces", type=int, default=12000, help="toy faces to draw")
+    parser.add_argument("--clip-steps", type=int, default=1000, help="demo CLIP training steps")
+    parser.add_argument("--gan-steps", type=int, default=5000, help="generator training steps")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = build_demo(
+        args.work_dir, assets_dir=args.assets_dir, seed=args.seed, num_faces=args.num_faces,
+        clip_steps=args.clip_steps, gan_steps=args.gan_steps, device=args.device, on_log=print,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
