@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("helpers.demo", "rebuild the embedded demo (toy faces, demo CLIP, demo generator) into assets/"),
     "toyfaces": ("helpers.toyfaces", "draw a captioned toy-face image folder (images, captions, attributes.csv)"),
     "train-classifier": ("helpers.attributes", "retrain the toy-face attribute classifier from scratch (assets/)"),
+    "bench": ("helpers.bench", "measure sampling, training and loading speed against this machine's matmul rate"),
 }
 
 

@@ -17,6 +17,7 @@ optimisers, no stored devices.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple
 
 import torch
@@ -302,6 +303,48 @@ def build_models(cfg: ModelConfig, *, seed: int | None = None) -> tuple[Generato
         generator.apply(init_weights)
         discriminators.apply(init_weights)
     return generator, discriminators
+
+
+_FOLDABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold the eval-mode affine map of ``bn`` into ``layer``'s weight and bias, in place."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    # the output-channel axis of the weight: dim 0, except dim 1 for transposed convs
+    axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+    shape = [1] * layer.weight.ndim
+    shape[axis] = -1
+    layer.weight.mul_(scale.view(shape))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
+    layer.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` for inference, with every BatchNorm that directly
+    follows a conv, transposed conv or linear layer inside an ``nn.Sequential`` folded into
+    that layer (and replaced by ``nn.Identity``).
+
+    Outputs equal the eval-mode module's up to float rounding; one memory pass per folded
+    BatchNorm is saved. ``module`` itself is not changed. Not for training: the folded
+    copy has no batch statistics.
+    """
+    folded = copy.deepcopy(module).eval().requires_grad_(False)
+    for seq in folded.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for prev, name in zip(names, names[1:]):
+            layer, bn = seq._modules[prev], seq._modules[name]
+            foldable = isinstance(layer, _FOLDABLE) and getattr(layer, "groups", 1) == 1
+            if foldable and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                _fold_into(layer, bn)
+                seq._modules[name] = nn.Identity()
+    return folded
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -18,7 +18,7 @@ import math
 import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_checkpoint
 from .config import ModelConfig
 from .errors import UserError
-from .network import Generator
+from .network import Generator, fold_batchnorm
 
 DEMO_GENERATOR = Path(__file__).resolve().parent.parent / "assets" / "demo_generator.pt"
 MAX_IMAGES = 256  # images per call (prompts x n); more is almost surely a typo, and slow on a CPU
@@ -47,6 +47,9 @@ class LoadedGenerator:
     clip_spec: str  # the CLIP whose text features it was trained on
     step: int  # training step of the snapshot
     path: Path  # the checkpoint file
+    # the same generator with BatchNorm folded into its convolutions (network.fold_batchnorm):
+    # what sampling runs, one memory pass per layer cheaper; None: sample with ``generator``
+    inference: Generator | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_stages(self) -> int:
@@ -101,7 +104,9 @@ def load_generator(checkpoint: str | os.PathLike | None = None, *, device: str |
         raise CheckpointError(f"{path}: its generator does not match its model_config: {err}") from err
     generator.eval().requires_grad_(False)
     generator.to(torch.device(device) if device is not None else default_device())
-    return LoadedGenerator(generator, config, str(ckpt["clip_spec"]), int(ckpt.get("step", 0)), path)
+    return LoadedGenerator(
+        generator, config, str(ckpt["clip_spec"]), int(ckpt.get("step", 0)), path, fold_batchnorm(generator)
+    )
 
 
 def save_generator(path: str | os.PathLike, generator: Generator, *, clip_spec: str, step: int = 0) -> Path:
@@ -282,7 +287,8 @@ def generate_from_features(
             f"text features are {text_features.shape[1]}-d but the checkpoint expects {model.config.text_dim}-d"
         )
     z, eps = sample_noise(seeds, z_dim=model.config.z_dim, cond_dim=model.config.cond_dim, truncation=truncation)
-    generator, device = model.generator, model.device
+    generator = model.inference if model.inference is not None else model.generator
+    device = model.device
     generator.eval()  # BatchNorm must use running statistics: samples stay independent
     chunks: list[list[Tensor]] = []
     for start in range(0, len(seeds), max(1, batch_size)):
