@@ -3,8 +3,8 @@
 ``python -m helpers bench`` times, with warm-up runs and medians:
 
 - sampling (``sample.generate_from_features``, every stage) per image at batch 1 and 16,
-  for the ``demo`` and ``faces`` presets, with BatchNorm folded (what sampling runs) and,
-  for comparison, not folded;
+  for the ``demo`` and ``faces`` presets, as sampling runs it (BatchNorm folded, NHWC
+  layout) and, for before/after, folded only and plain;
 - one full training step (``Trainer.train_step``: every D step and the G step, CLIP loss
   included) in images/s at a configurable batch, for both presets;
 - the data loader (``FeaturesDataset`` through the training loop's sampler) on its own;
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 BENCH_FORMAT = "helpers-bench/1"
 DEFAULT_TRAIN_BATCH = 4  # images per training step (the faces target of the speed work is batch 4)
 SAMPLE_BATCHES = (1, 16)
+SAMPLING_VARIANT = "folded+NHWC"  # what sampling runs: sample.inference_copy
 RANDOM_SUFFIX = "/random"  # "ViT-B-32/random": the architecture with random weights, built offline
 # The bootcamp's guideline: 24,000 images in 40-50 minutes per epoch on a Colab T4 (batch 24, AMP off).
 REFERENCE_T4_IMAGES_PER_S = (8.0, 10.0)
@@ -276,25 +277,32 @@ def _row(kind: str, name: str, batch: int, seconds: float, flops_per_call: int |
 
 
 def sampling_rows(case: Case, *, device: torch.device, settings: BenchSettings, rate: float) -> list[dict[str, Any]]:
-    """Sampling time per image through ``generate_from_features`` at each batch of the case."""
+    """Sampling time per image through ``generate_from_features`` at each batch of the case.
+
+    Variant ``folded+NHWC`` is what sampling runs (``sample.inference_copy``); at the
+    batches in ``case.compare_unfolded`` also ``folded`` (BatchNorm folded, NCHW) and
+    ``plain`` (the eval-mode generator as trained), for before/after.
+    """
     from .network import build_models, fold_batchnorm
-    from .sample import LoadedGenerator, generate_from_features
+    from .sample import LoadedGenerator, generate_from_features, inference_copy
 
     cfg = case.config.model
     generator, _ = build_models(cfg, seed=0)
     generator = generator.eval().requires_grad_(False).to(device)
-    model = LoadedGenerator(generator, cfg, case.clip_spec, 0, Path("<random weights>"), fold_batchnorm(generator))
+    path = Path("<random weights>")
+    lean = LoadedGenerator(generator, cfg, case.clip_spec, 0, path, inference_copy(generator))
     rows = []
     for batch in case.sample_batches:
-        variants = [("BN folded", model)]
+        variants = [(SAMPLING_VARIANT, lean)]
         if batch in case.compare_unfolded:
-            variants.append(("BN not folded", LoadedGenerator(generator, cfg, case.clip_spec, 0, model.path)))
-        for variant, m in variants:
+            variants.append(("folded", LoadedGenerator(generator, cfg, case.clip_spec, 0, path, fold_batchnorm(generator))))
+            variants.append(("plain", LoadedGenerator(generator, cfg, case.clip_spec, 0, path)))
+        for variant, model in variants:
             text = nn.functional.normalize(torch.randn(batch, cfg.text_dim, generator=torch.Generator().manual_seed(1)), dim=1)
             seeds = list(range(batch))
 
-            def call(m=m, text=text, seeds=seeds, batch=batch) -> None:
-                generate_from_features(m, text, seeds, batch_size=batch)
+            def call(model=model, text=text, seeds=seeds, batch=batch) -> None:
+                generate_from_features(model, text, seeds, batch_size=batch)
 
             with peak_memory(device) as mem:
                 flops = count_flops(call)
@@ -430,18 +438,23 @@ def op_category(name: str, flops: int) -> str:
 
 
 def time_breakdown(fn: Callable[[], Any], *, device: torch.device, rate: float, top: int = 8) -> dict[str, Any]:
-    """Time one call op by op: the share of the call's time per kind of op and per op, and
-    the rate of the matmul/conv ops alone (their FLOPs over their time) as a fraction of
-    the matmul rate. Time outside aten ops (Python, autograd bookkeeping) is its own share."""
+    """Count the FLOPs of one call of ``fn`` per op, then time a second call op by op.
+
+    Returns the share of the second call's time per kind of op and per op, and the rate
+    of the matmul/conv ops alone (their FLOPs over their time) as a fraction of the matmul
+    rate. Time outside aten ops (Python, autograd bookkeeping) is its own share.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FlopCounterMode(display=False) as counter:  # a run of its own: the counter's overhead stays out of the times
+        fn()
+    flops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     timer = _op_timer(device)
     t0 = time.perf_counter()
-    with FlopCounterMode(display=False) as counter, timer:
+    with timer:
         fn()
     synchronize(device)
     wall = time.perf_counter() - t0
-    flops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     categories: dict[str, float] = {}
     conv_flops = conv_s = 0.0
     for name, seconds in timer.seconds.items():
@@ -549,13 +562,12 @@ def run_bench(
 
 def _breakdowns(case: Case, trainer, *, device: torch.device, rate: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Profiler breakdowns of the largest sampling row and of the training step of ``case``."""
-    from .network import fold_batchnorm
-    from .sample import LoadedGenerator, generate_from_features
+    from .sample import LoadedGenerator, generate_from_features, inference_copy
 
     cfg = case.config.model
     batch = max(case.sample_batches)
     G = trainer.G_ema.eval()
-    model = LoadedGenerator(G, cfg, case.clip_spec, 0, Path("<random weights>"), fold_batchnorm(G))
+    model = LoadedGenerator(G, cfg, case.clip_spec, 0, Path("<random weights>"), inference_copy(G))
     text = nn.functional.normalize(torch.randn(batch, cfg.text_dim), dim=1)
 
     def sample() -> None:

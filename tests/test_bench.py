@@ -77,12 +77,13 @@ def test_fold_batchnorm_handles_linear_and_transposed_conv_without_bias():
         torch.testing.assert_close(folded(x), seq(x), atol=1e-5, rtol=1e-4)
 
 
-def test_sampling_runs_the_folded_copy_with_the_same_images(tmp_path):
+def test_sampling_runs_the_lean_copy_with_the_same_images(tmp_path):
     G, _ = build_models(ModelConfig(**TINY), seed=0)
     random_batchnorm_statistics(G)
     path = save_generator(tmp_path / "g.pt", G, clip_spec="tiny-random")
     model = load_generator(path, device="cpu")
-    assert model.inference is not None
+    assert model.inference is not None and not any(isinstance(m, nn.BatchNorm2d) for m in model.inference.modules())
+    assert model.inference.heads[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     text = nn.functional.normalize(torch.randn(3, TINY["text_dim"]), dim=1)
     fast = generate_from_features(model, text, [5, 6, 7])
     plain = generate_from_features(dataclasses.replace(model, inference=None), text, [5, 6, 7])
@@ -101,7 +102,7 @@ def test_report_has_every_measurement_with_positive_flops(tiny_report):
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch_threads"] >= 1
     kinds = [(r["kind"], r["batch"], r.get("variant")) for r in report["rows"]]
     assert kinds == [
-        ("sample", 1, "BN folded"), ("sample", 3, "BN folded"), ("sample", 3, "BN not folded"),
+        ("sample", 1, "folded+NHWC"), ("sample", 3, "folded+NHWC"), ("sample", 3, "folded"), ("sample", 3, "plain"),
         ("train", 3, "fp32"), ("loader", 3, None),
     ]
     assert [r["kind"] for r in rows] == ["matmul"] + [k for k, _, _ in kinds]  # on_row saw each as it came
@@ -109,8 +110,9 @@ def test_report_has_every_measurement_with_positive_flops(tiny_report):
         assert r["median_s"] > 0 and r["images_per_s"] > 0 and r["peak_memory_mb"] > 0
         if r["kind"] != "loader":
             assert r["gflop_per_image"] > 0 and r["gflop_per_s"] > 0 and r["fraction_of_matmul"] > 0
-    folded, unfolded = report["rows"][1], report["rows"][2]
-    assert folded["gflop_per_image"] == pytest.approx(unfolded["gflop_per_image"])  # folding saves memory passes, not FLOPs
+    lean, folded, plain = report["rows"][1:4]
+    # folding and the layout save memory passes and reorders, not FLOPs
+    assert lean["gflop_per_image"] == pytest.approx(plain["gflop_per_image"]) == pytest.approx(folded["gflop_per_image"])
 
 
 def test_training_step_flops_per_image_stay_under_the_no_waste_bound(tiny_report):
@@ -134,7 +136,7 @@ def test_breakdown_and_table(tiny_report, tmp_path):
         assert b["matmul_conv_fraction_of_matmul"] > 0 and b["top_ops"]
     assert report["breakdown"]["sample"]["flops_by_module"]
     table = bench.format_table(report)
-    assert "| sample tiny | BN folded | 3 |" in table and "| train step tiny | fp32 | 3 |" in table
+    assert "| sample tiny | folded+NHWC | 3 |" in table and "| train step tiny | fp32 | 3 |" in table
     assert "Reference rate: 128x128 float32 matmul" in table
     path = bench.write_report(report, tmp_path / "out" / "bench.json")
     assert json.loads(path.read_text())["rows"][0]["name"] == "sample tiny"
