@@ -205,6 +205,22 @@ def train_config(cfg: NotebookConfig, **overrides: Any):
     return train_preset(cfg.preset, **overrides)
 
 
+RERUN_FIELDS = ("steps", "epochs", "mirror_dir", "log_every", "preview_every", "checkpoint_every")  # a rerun may change these
+
+
+def training_arguments(cfg: NotebookConfig, train_cfg: Any) -> dict[str, Any]:
+    """``config``, ``overrides`` and ``resume`` for ``helpers.train.train`` in notebook 03.
+
+    A new run starts from ``train_cfg``. When the run already has a ``latest.pt`` (here or in
+    the Drive mirror), it continues exactly, with the checkpoint's own config: only the
+    run's length, its intervals and the mirror come from ``train_cfg`` (as ``--resume`` with
+    ``--epochs``/``--steps``/``--mirror`` does on the command line).
+    """
+    if cfg.latest_checkpoint() is None:
+        return dict(config=train_cfg, overrides={}, resume=False)
+    return dict(config=None, overrides={k: getattr(train_cfg, k) for k in RERUN_FIELDS}, resume=True)
+
+
 # --------------------------------------------------------------------------- files the notebooks share
 
 

@@ -120,3 +120,15 @@ def test_live_training_keeps_three_slots_up_to_date(tmp_path):
     assert len(loss.shown) == 3 and loss.shown[-1].data.startswith(b"\x89PNG")
     assert preview.shown[-1].data == grid.read_bytes()
     assert [row["step"] for row in live.history] == [1, 2, 3]
+
+
+def test_training_arguments_resume_a_run_that_has_a_checkpoint(tmp_path):
+    cfg = nb.notebook_config(smoke=False, workdir=tmp_path, drive=tmp_path / "drive", name="r")
+    train_cfg = nb.train_config(cfg, epochs=3)
+    assert nb.training_arguments(cfg, train_cfg) == dict(config=train_cfg, overrides={}, resume=False)
+    latest = cfg.mirror_dir / "checkpoints" / "latest.pt"  # only Drive has it: a fresh Colab runtime
+    latest.parent.mkdir(parents=True)
+    latest.write_bytes(b"x")
+    args = nb.training_arguments(cfg, train_cfg)
+    assert args["resume"] is True and args["config"] is None  # the checkpoint's own config
+    assert args["overrides"]["epochs"] == 3 and args["overrides"]["mirror_dir"] == str(cfg.mirror_dir)
