@@ -6,7 +6,8 @@
   for the ``demo`` and ``faces`` presets, as sampling runs it (BatchNorm folded, NHWC
   layout) and, for before/after, folded only and plain;
 - one full training step (``Trainer.train_step``: every D step and the G step, CLIP loss
-  included) in images/s at a configurable batch, for both presets;
+  included) in images/s at a configurable batch, for both presets (on a CPU also with
+  fused Adam, on a GPU with and without AMP);
 - the data loader (``FeaturesDataset`` through the training loop's sampler) on its own;
 - the machine's reference rate: a large square matmul, fp32 on a CPU, bf16 on a GPU.
 
@@ -312,22 +313,38 @@ def sampling_rows(case: Case, *, device: torch.device, settings: BenchSettings, 
     return rows
 
 
+def use_fused_adam(trainer) -> None:
+    """Replace the Trainer's Adam optimisers by fused ones (same parameters and settings):
+    one kernel pass per tensor instead of one op per update term. Fused Adam runs on the
+    CPU too (torch >= 2.4); the Trainer fuses on CUDA only."""
+    def fused(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        return torch.optim.Adam(params, lr=opt.defaults["lr"], betas=opt.defaults["betas"], fused=True)
+
+    trainer.opt_G = fused(trainer.opt_G)
+    trainer.opt_D = [fused(opt) for opt in trainer.opt_D]
+
+
 def training_rows(case: Case, *, device: torch.device, settings: BenchSettings, rate: float,
-                  amp_variants: tuple[bool, ...] = (True,)) -> tuple[list[dict[str, Any]], Any]:
+                  amp_variants: tuple[bool, ...] = (True, False)) -> tuple[list[dict[str, Any]], Any]:
     """One full training step (every D step + the G step, CLIP loss included) in images/s.
 
-    Returns (rows, the last Trainer, for a breakdown). On a GPU each AMP setting in
-    ``amp_variants`` gets its own row; on the CPU AMP does not apply.
+    Returns (rows, the first Trainer, for a breakdown). On a GPU each AMP setting in
+    ``amp_variants`` gets its own row; on the CPU (no AMP) the step as the Trainer runs it
+    and the same step with fused Adam (``use_fused_adam``), for before/after.
     """
     from .train import Trainer
 
     clip = make_clip(case.clip_spec, device)
-    rows, trainer = [], None
-    for amp in amp_variants if device.type == "cuda" else (False,):
+    variants = [(amp, False) for amp in amp_variants] if device.type == "cuda" else [(False, False), (False, True)]
+    rows, first = [], None
+    for amp, fused in variants:
         config = dataclasses.replace(case.config, amp=amp)
         batch = random_batch(config, dim=clip.dim, generator=torch.Generator().manual_seed(0))
         with peak_memory(device) as mem:
             trainer = Trainer(config, clip=clip, device=device)
+            if fused:
+                use_fused_adam(trainer)
             per = forward_flops(case, trainer, clip, batch)
             flops = count_flops(lambda: trainer.train_step(batch))  # also the first warm-up step
             seconds, _ = median_time(lambda: trainer.train_step(batch), device=device,
@@ -335,11 +352,13 @@ def training_rows(case: Case, *, device: torch.device, settings: BenchSettings, 
         variant = ("AMP " + str(trainer.amp_dtype).removeprefix("torch.")) if trainer.use_amp else "fp32"
         rows.append(_row(
             "train", f"train step {case.name}", config.batch_size, seconds, flops, rate, mem, preset=case.name,
-            variant=variant, clip=case.clip_spec, clip_stages=list(trainer.clip_stages),
+            variant=variant + (", fused Adam" if fused else ""), clip=case.clip_spec, clip_stages=list(trainer.clip_stages),
             forward_gflop_per_image=dict(G=per["G"] / 1e9, D=[x / 1e9 for x in per["D"]], clip=[x / 1e9 for x in per["clip"]]),
             bound_gflop_per_image=per["bound"] / 1e9,
         ))
-    return rows, trainer
+        if first is None:
+            first = trainer
+    return rows, first
 
 
 def write_random_features(path: Path, *, n: int, dim: int, seed: int = 0) -> Path:
@@ -539,11 +558,10 @@ def run_bench(
     for case in cases:
         rows += [emit(r) for r in sampling_rows(case, device=device, settings=settings, rate=rate)]
     for case in cases:
-        train_rows, trainer = training_rows(case, device=device, settings=settings, rate=rate,
-                                            amp_variants=(True, False))
+        train_rows, trainer = training_rows(case, device=device, settings=settings, rate=rate)
         rows += [emit(r) for r in train_rows]
         if settings.breakdown and case is cases[-1]:
-            breakdown = _breakdowns(case, trainer, device=device, rate=rate, rows=rows)
+            breakdown = _breakdowns(case, trainer, device=device, rate=rate)
     rows.append(emit(loader_row(device=device, settings=settings, batch_size=cases[-1].config.batch_size)))
     # the matmul rate again at the end: how much the machine's speed drifted during the run
     after = matmul_rate(device, size=settings.matmul_size, warmup=1, repeats=max(3, settings.repeats))
@@ -560,8 +578,8 @@ def run_bench(
     )
 
 
-def _breakdowns(case: Case, trainer, *, device: torch.device, rate: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Profiler breakdowns of the largest sampling row and of the training step of ``case``."""
+def _breakdowns(case: Case, trainer, *, device: torch.device, rate: float) -> dict[str, Any]:
+    """Op-by-op breakdowns of the largest sampling batch and of the training step of ``case``."""
     from .sample import LoadedGenerator, generate_from_features, inference_copy
 
     cfg = case.config.model
@@ -580,6 +598,29 @@ def _breakdowns(case: Case, trainer, *, device: torch.device, rate: float, rows:
     step = lambda: trainer.train_step(step_batch)  # noqa: E731
     out["train"] = dict(name=f"train step {case.name}", batch=case.config.batch_size,
                         **time_breakdown(step, device=device, rate=rate))
+    out["train"]["optimizers"] = optimizer_times(trainer, device=device)
+    return out
+
+
+def optimizer_times(trainer, *, device: torch.device, repeats: int = 3) -> dict[str, Any]:
+    """Seconds of the optimiser steps of one training step (G's and every D's Adam, as the
+    Trainer built them), and of the same steps with fused Adam kernels (one pass per tensor
+    instead of one op per update term). Uses the gradients the last step left."""
+    optimizers = [trainer.opt_G, *trainer.opt_D]
+    already = all(bool(o.defaults.get("fused")) for o in optimizers)
+
+    def step_all(opts: list[torch.optim.Optimizer]) -> None:
+        for opt in opts:
+            opt.step()
+
+    seconds, _ = median_time(lambda: step_all(optimizers), device=device, warmup=1, repeats=repeats)
+    out: dict[str, Any] = dict(params=sum(p.numel() for o in optimizers for g in o.param_groups for p in g["params"]),
+                               fused=already, seconds=seconds)
+    if not already:
+        fused = [torch.optim.Adam([p for g in o.param_groups for p in g["params"]], lr=o.defaults["lr"],
+                                  betas=o.defaults["betas"], fused=True) for o in optimizers]
+        out["fused_seconds"], _ = median_time(lambda: step_all(fused), device=device, warmup=1, repeats=repeats)
+        del fused
     return out
 
 
@@ -631,6 +672,13 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("Top ops: " + ", ".join(
             f"{o['op']} {100 * o['share']:.0f}%" + (f" ({o['gflop_per_s']:.0f} GFLOP/s)" if o["gflop_per_s"] else "")
             for o in b["top_ops"]) + ".")
+        if "optimizers" in b:
+            o = b["optimizers"]
+            lines.append(
+                f"Optimiser steps ({o['params'] / 1e6:.1f}M parameters, Adam{' fused' if o['fused'] else ''}): "
+                f"{o['seconds']:.2f} s per training step"
+                + (f"; with fused Adam kernels {o['fused_seconds']:.2f} s." if "fused_seconds" in o else ".")
+            )
         if "flops_by_module" in b:
             lines.append("FLOPs by module: " + ", ".join(
                 f"{k.removeprefix('Generator.')} {100 * v:.0f}%" for k, v in list(b["flops_by_module"].items())[:8]) + ".")
@@ -664,6 +712,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH,
                         help=f"images per training step (default {DEFAULT_TRAIN_BATCH})")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice, usually one per core)")
     parser.add_argument("--presets", nargs="+", choices=["demo", "faces"], default=["demo", "faces"],
                         help="which presets to measure (default both)")
 
@@ -673,13 +723,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (BatchNorm and InfoNCE need a batch), got {args.batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     def on_row(row: dict[str, Any]) -> None:
         if row["kind"] == "matmul":
             print(f"{row['name']}: {row['gflop_per_s']:.0f} GFLOP/s", flush=True)
         else:
             frac = row["fraction_of_matmul"]
-            print(f"{row['name']} [{row.get('variant', '')}] batch {row['batch']}: {row['images_per_s']:.2f} images/s"
+            print(f"{row['name']} [{row.get('variant', str(row.get('workers', 0)) + ' workers')}] batch {row['batch']}: {row['images_per_s']:.2f} images/s"
                   + ("" if frac is None else f", {100 * frac:.0f}% of matmul"), flush=True)
 
     cases = [preset_case(p, batch_size=args.batch_size) for p in args.presets]

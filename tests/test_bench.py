@@ -103,7 +103,7 @@ def test_report_has_every_measurement_with_positive_flops(tiny_report):
     kinds = [(r["kind"], r["batch"], r.get("variant")) for r in report["rows"]]
     assert kinds == [
         ("sample", 1, "folded+NHWC"), ("sample", 3, "folded+NHWC"), ("sample", 3, "folded"), ("sample", 3, "plain"),
-        ("train", 3, "fp32"), ("loader", 3, None),
+        ("train", 3, "fp32"), ("train", 3, "fp32, fused Adam"), ("loader", 3, None),
     ]
     assert [r["kind"] for r in rows] == ["matmul"] + [k for k, _, _ in kinds]  # on_row saw each as it came
     for r in report["rows"]:
@@ -117,7 +117,8 @@ def test_report_has_every_measurement_with_positive_flops(tiny_report):
 
 def test_training_step_flops_per_image_stay_under_the_no_waste_bound(tiny_report):
     report, _ = tiny_report
-    (train,) = [r for r in report["rows"] if r["kind"] == "train"]
+    train, fused = [r for r in report["rows"] if r["kind"] == "train"]
+    assert fused["gflop_per_image"] == pytest.approx(train["gflop_per_image"])  # the optimiser is not counted
     forward = train["forward_gflop_per_image"]
     assert forward["G"] > 0 and len(forward["D"]) == TINY["num_stages"] and all(d > 0 for d in forward["D"])
     assert len(forward["clip"]) == 1 and forward["clip"][0] > 0  # CLIP loss at the last stage only
@@ -135,6 +136,8 @@ def test_breakdown_and_table(tiny_report, tmp_path):
         assert sum(b["share"].values()) == pytest.approx(1.0, abs=0.02)
         assert b["matmul_conv_fraction_of_matmul"] > 0 and b["top_ops"]
     assert report["breakdown"]["sample"]["flops_by_module"]
+    optimizers = report["breakdown"]["train"]["optimizers"]
+    assert optimizers["params"] > 0 and optimizers["seconds"] > 0 and optimizers["fused_seconds"] > 0
     table = bench.format_table(report)
     assert "| sample tiny | folded+NHWC | 3 |" in table and "| train step tiny | fp32 | 3 |" in table
     assert "Reference rate: 128x128 float32 matmul" in table
