@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import losses
+from . import distributed, losses
 from .augment import diff_augment, parse_policy
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -101,6 +101,7 @@ class TrainConfig:
     keep_snapshots: int = 3  # snapshots kept on disk (older ones deleted; 0 keeps all)
     mirror_dir: str | None = None  # a second folder (e.g. Google Drive) that receives a copy of every write
     preview_captions: str | None = None  # text file, one caption per line; None: assets/preview_captions.txt
+    sync_batchnorm: bool = False  # torchrun runs: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -348,6 +349,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.clip_stages = sorted({s % cfg.model.num_stages for s in cfg.clip_stages}) if cfg.clip_weight > 0 else []
         self.step = 0
+        self.sync: distributed.Distributed | None = None  # set by Distributed.prepare under torchrun; None: one process
 
     # ----------------------------------------------------------------- helpers
 
@@ -361,13 +363,16 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
-        # distributed training would all-reduce the gradients of this optimiser here
+        if self.sync is not None:  # distributed: the mean gradient over the ranks, as DDP computes it
+            self.sync.average_gradients(optimizer)
         if self.scaler is not None:
             self.scaler.step(optimizer)
         else:
             optimizer.step()
 
     def _check_finite(self, values: dict[str, float], phase: str) -> None:
+        if self.sync is not None:  # distributed: log the mean over the ranks; a NaN on any rank stops all of them
+            values.update(self.sync.average_values(values))
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             names = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
@@ -376,6 +381,11 @@ class Trainer:
                 "saved; the last good checkpoint is untouched. Resume from it with a lower learning rate "
                 "(--set lr_g=... lr_d=...), or without mixed precision (--set amp=false)."
             )
+
+    def _info_nce(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        if self.sync is not None:  # distributed: every rank's rows are negatives, as in one process
+            image_emb, text_emb = self.sync.gather_rows(image_emb), self.sync.gather_rows(text_emb)
+        return losses.info_nce(image_emb, text_emb, temperature=self.cfg.temperature)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Move a collated dataset batch to the device; language-free runs swap in pseudo text features.
@@ -426,7 +436,7 @@ class Trainer:
                     loss = loss + cfg.uncond_weight * uncond
                     terms[f"d{i}_uncond"] = uncond.detach()
                 if cfg.align_weight > 0:
-                    align = losses.info_nce(disc.align_embedding(real_f), text, temperature=cfg.temperature)
+                    align = self._info_nce(disc.align_embedding(real_f), text)
                     loss = loss + cfg.align_weight * align
                     terms[f"d{i}_align"] = align.detach()
             terms[f"d{i}_cond"] = cond.detach()
@@ -455,11 +465,11 @@ class Trainer:
                     loss = loss + cfg.uncond_weight * losses.g_adversarial_loss(disc.uncond_logits(feats))
                 terms[f"g{i}_adv"] = loss.detach()
                 if cfg.align_weight > 0:
-                    align = losses.info_nce(disc.align_embedding(feats), text, temperature=cfg.temperature)
+                    align = self._info_nce(disc.align_embedding(feats), text)
                     loss = loss + cfg.align_weight * align
                     terms[f"g{i}_align"] = align.detach()
                 if i in self.clip_stages:
-                    clip_loss = losses.info_nce(self.clip.embed_generated(fakes[i]), text, temperature=cfg.temperature)
+                    clip_loss = self._info_nce(self.clip.embed_generated(fakes[i]), text)
                     loss = loss + cfg.clip_weight * clip_loss
                     terms[f"g{i}_clip"] = clip_loss.detach()
                 terms[f"g{i}"] = loss.detach()
@@ -477,6 +487,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One full step on a collated dataset batch; returns every loss term as a float."""
+        if self.sync is not None:  # distributed: this rank's noise, seeded by (run seed, rank, step)
+            self.sync.begin_step(self)
         b = self.prepare_batch(batch)
         fakes, mu, logvar = self.generate(b["text"])  # once per step, reused by both halves
         values = self.d_step(b["real"], fakes, mu, b["text"], b["mismatched"])
@@ -723,6 +735,10 @@ def train(
         # Tiny (denormal) floats appear as G and D settle and make CPU arithmetic many
         # times slower: measured 1 s -> 15 s per demo step over 25 steps without this.
         torch.set_flush_denormal(True)
+    dist = distributed.from_environment(device)  # None unless torchrun started this with WORLD_SIZE > 1
+    if dist is not None:
+        device = dist.device
+    is_main = dist is None or dist.is_main  # only rank 0 writes files and shows progress
     ckpt: dict[str, Any] | None = None
     latest = run_dir / "checkpoints" / LATEST
     if resume:
@@ -765,10 +781,14 @@ def train(
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+    if dist is not None:
+        dist.prepare(trainer)  # rank 0's weights everywhere, gradient averaging, per-rank noise
 
     steps_per_epoch = len(dataset) // cfg.batch_size
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * max(steps_per_epoch, 1)
-    sampler = RunBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=trainer.step, total_steps=total_steps)
+    shard = dict(rank=dist.rank, world_size=dist.world_size) if dist is not None else {}
+    sampler = RunBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=trainer.step, total_steps=total_steps,
+                         **shard)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if device.type == "cuda" else 0)
     loader = DataLoader(
         SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
@@ -777,8 +797,9 @@ def train(
 
     metrics_path = run_dir / "metrics.jsonl"
     history = [row for row in read_metrics(metrics_path) if row["step"] <= trainer.step]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes("".join(json.dumps(r) + "\n" for r in history).encode(), metrics_path)  # drop rows past the checkpoint
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes("".join(json.dumps(r) + "\n" for r in history).encode(), metrics_path)  # drop rows past the checkpoint
     captions = load_preview_captions(cfg.preview_captions)
     preview_text = clip.encode_text(captions)
     preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
@@ -792,6 +813,8 @@ def train(
 
     def save(*, snapshot: bool) -> Path:
         ckpt_dir = run_dir / "checkpoints"
+        if not is_main:
+            return ckpt_dir / LATEST
         checkpoint = dict(
             format=CHECKPOINT_FORMAT,
             epoch=max(trainer.step - 1, 0) // max(steps_per_epoch, 1),
@@ -812,6 +835,8 @@ def train(
         return path
 
     def write_preview() -> None:
+        if not is_main:
+            return
         grid = preview_grid(trainer.preview(preview_text, preview_z))
         path = save_png(grid, run_dir / "previews" / f"step_{trainer.step:07d}.png")
         previews.append(path)
@@ -823,7 +848,7 @@ def train(
 
     sums: dict[str, float] = {}
     count, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress or not is_main)
     try:
         with _deferred_interrupt() as interrupted:
             if trainer.step == 0 and total_steps > 0:
@@ -841,18 +866,20 @@ def train(
                                images_per_s=count * cfg.batch_size / max(elapsed, 1e-9),
                                **{k: v / count for k, v in sums.items()})
                     history.append(row)
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+                    if is_main:
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(row) + "\n")
                     bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_loss']:.3f}")
-                    if on_log is not None:
+                    if on_log is not None and is_main:
                         on_log(row)
                     sums, count, t0 = {}, 0, time.perf_counter()
                 if step % cfg.preview_every == 0 or done:
                     write_preview()
                 if step % cfg.checkpoint_every == 0 or step % cfg.snapshot_every == 0 or done:
                     save(snapshot=step % cfg.snapshot_every == 0 or done)
-                    mirror_copy(metrics_path)
-                if interrupted():
+                    if is_main:
+                        mirror_copy(metrics_path)
+                if interrupted() if dist is None else dist.any(interrupted()):  # every rank stops at the same step
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         if state["saved_step"] != trainer.step:
@@ -860,11 +887,13 @@ def train(
         raise
     finally:
         bar.close()
-    if history:
+    if history and is_main:
         plot_loss_curves(history, run_dir / "loss_curves.png")
         mirror_copy(run_dir / "loss_curves.png")
     if state["saved_step"] != trainer.step:
         save(snapshot=True)
+    if dist is not None:
+        dist.barrier()  # rank 0's checkpoint is on disk before any rank returns
     return TrainResult(
         run_dir=run_dir,
         step=trainer.step,
@@ -916,6 +945,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.preset is not None:
         raise UserError("--resume continues the checkpoint's own config; drop --preset (use --set to change fields)")
     config = None if args.resume else train_preset(args.preset or "faces")
+    if distributed.world_size_from_env() > 1:
+        distributed.show_log_messages()  # the effective batch and learning-rate line
 
     def on_log(row: dict[str, Any]) -> None:
         if args.no_progress:
@@ -926,7 +957,12 @@ def run(args: argparse.Namespace) -> int:
         result = train(args.features, args.out, config, overrides=overrides, resume=args.resume,
                        device=args.device, on_log=on_log, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"interrupted: saved {Path(args.out) / 'checkpoints' / LATEST}; continue with --resume")
+        if distributed.is_main_process():
+            print(f"interrupted: saved {Path(args.out) / 'checkpoints' / LATEST}; continue with --resume")
         return 130
+    finally:
+        distributed.shutdown()  # torchrun workers: close the process group (no-op in one process)
+    if not distributed.is_main_process():
+        return 0
     print(f"done: {result.step} steps; checkpoint {result.checkpoint}; previews in {result.run_dir / 'previews'}")
     return 0
