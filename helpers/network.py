@@ -21,6 +21,7 @@ import copy
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -74,6 +75,19 @@ class ImageHead(nn.Sequential):
 def tile(vector: Tensor, like: Tensor) -> Tensor:
     """Repeat ``vector`` [B, C] over the spatial size of ``like`` [B, *, H, W] -> [B, C, H, W]."""
     return vector[:, :, None, None].expand(-1, -1, like.shape[2], like.shape[3])
+
+
+def conv_tiled(vector: Tensor, weight: Tensor, size: tuple[int, int]) -> Tensor:
+    """``conv2d(tile(vector), weight, padding=1)`` over an [H, W] map, without the big convolution.
+
+    vector [B, C]; weight [O, C, 3, 3]; -> [B, O, H, W] (H, W >= 2). With zero padding,
+    a tiled input gives one value per (top | middle | bottom) x (left | middle | right)
+    position class, so a 3x3 map holds every distinct output.
+    """
+    H, W = size
+    small = F.conv2d(vector[:, :, None, None].expand(-1, -1, 3, 3), weight, padding=1)  # [B, O, 3, 3]
+    rows = torch.cat([small[:, :, :1], small[:, :, 1:2].expand(-1, -1, H - 2, -1), small[:, :, 2:]], dim=2)
+    return torch.cat([rows[..., :1], rows[..., 1:2].expand(-1, -1, -1, W - 2), rows[..., 2:]], dim=3)
 
 
 # --------------------------------------------------------------------------- generator
@@ -135,7 +149,16 @@ class NextStage(nn.Module):
         self.up = UpBlock(channels, channels // 2)
 
     def forward(self, features: Tensor, condition: Tensor) -> Tensor:
-        x = self.join(torch.cat([tile(condition, features), features], dim=1))
+        # join(cat[tile(c), x]) computed as conv(x) + conv(tile(c)): the second term is
+        # constant away from the border, so it is evaluated on a 3x3 map and stretched
+        # (see conv_tiled). Same result, without convolving cond_dim constant channels
+        # at full resolution (most of the join's cost).
+        conv = self.join[0]
+        w_cond, w_feat = conv.weight.split([condition.shape[1], features.shape[1]], dim=1)
+        x = F.conv2d(features, w_feat, padding=1) + conv_tiled(condition, w_cond, features.shape[-2:])
+        if conv.bias is not None:  # present once BatchNorm is folded into the conv
+            x = x + conv.bias.view(1, -1, 1, 1)
+        x = self.join[1:](x)
         return self.up(self.res(x))
 
 

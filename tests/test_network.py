@@ -156,3 +156,23 @@ def test_generator_parameter_count_matches_summary():
     cfg = small_cfg(3)
     G, _ = build_models(cfg, seed=0)
     assert count_parameters(G) == sum(r["g_params"] for r in summary_rows(cfg))
+
+
+@pytest.mark.parametrize("size", [(2, 2), (5, 3), (16, 16)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_tiled_equals_convolving_the_tiled_map(size, batch):
+    from helpers.network import conv_tiled, tile
+
+    vector, weight = torch.randn(batch, 6), torch.randn(4, 6, 3, 3)
+    like = torch.zeros(batch, 1, *size)
+    expected = F.conv2d(tile(vector, like), weight, padding=1)
+    torch.testing.assert_close(conv_tiled(vector, weight, size), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_next_stage_equals_concatenate_then_join():
+    from helpers.network import NextStage, tile
+
+    stage = NextStage(8, 5, 2).eval()
+    x, c = torch.randn(3, 8, 16, 16), torch.randn(3, 5)
+    expected = stage.up(stage.res(stage.join(torch.cat([tile(c, x), x], dim=1))))
+    torch.testing.assert_close(stage(x, c), expected, rtol=1e-5, atol=1e-5)
