@@ -240,10 +240,16 @@ def forward_flops(case: Case, trainer, clip, batch: dict[str, Any]) -> dict[str,
     B = case.config.batch_size
     prepared = trainer.prepare_batch(batch)
     with torch.no_grad():
-        g = count_flops(lambda: trainer.G(prepared["text"], torch.randn(B, case.config.model.z_dim)))
+        g = count_flops(lambda: trainer.G(prepared["text"], torch.randn(B, case.config.model.z_dim, device=trainer.device)))
         mu = torch.zeros(B, case.config.model.cond_dim, device=trainer.device)
         d = [count_flops(lambda i=i, disc=disc: disc(prepared["real"][i], mu)) for i, disc in enumerate(trainer.D)]
-        c = [count_flops(lambda i=i: clip.embed_generated(prepared["real"][i])) for i in trainer.clip_stages]
+
+    def clip_forward(i: int) -> None:
+        # with an input that needs a gradient, as in the G step: without one, nn.MultiheadAttention
+        # takes a fused inference path whose projections FlopCounterMode does not see
+        clip.embed_generated(prepared["real"][i].detach().requires_grad_(True))
+
+    c = [count_flops(lambda i=i: clip_forward(i)) for i in trainer.clip_stages]
     per = dict(G=g / B, D=[x / B for x in d], clip=[x / B for x in c])
     per["bound"] = step_flops_bound(per["G"], per["D"], per["clip"])
     return per
