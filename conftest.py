@@ -14,7 +14,12 @@ import tempfile
 os.environ.setdefault("HELPERS_SMOKE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a notebook run by the tests must never reach the network
-if "HELPERS_WORKDIR" not in os.environ:
-    _workdir = tempfile.mkdtemp(prefix="notebooks-smoke-")
-    os.environ["HELPERS_WORKDIR"] = _workdir
-    atexit.register(shutil.rmtree, _workdir, ignore_errors=True)
+
+
+def pytest_collect_file(file_path, parent):
+    """When the first notebook is collected: a temporary work folder for this session's notebooks."""
+    if file_path.suffix == ".ipynb" and "HELPERS_WORKDIR" not in os.environ:
+        workdir = tempfile.mkdtemp(prefix="notebooks-smoke-")
+        os.environ["HELPERS_WORKDIR"] = workdir
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    return None

@@ -409,7 +409,6 @@ class LiveTraining:
         self.plot_every_s = plot_every_s
         self._last_plot = -float("inf")
         self._handles: dict[str, Any] = {}
-        self._folder = Path(tempfile.mkdtemp(prefix="live-training-"))
         self.previews: list[Path] = []
 
     def _show(self, key: str, obj: Any) -> None:
@@ -434,7 +433,8 @@ class LiveTraining:
 
         if not self.history:
             return None
-        data = plot_loss_curves(self.history, self._folder / "loss_curves.png").read_bytes()
+        with tempfile.TemporaryDirectory(prefix="live-training-") as folder:
+            data = plot_loss_curves(self.history, Path(folder) / "loss_curves.png").read_bytes()
         self._show("loss", Image(data=data, format="png"))
         self._last_plot = time.monotonic()
         return data
