@@ -303,3 +303,4 @@ def show_log_messages() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False  # torchrun's own logging setup would print the line a second time

@@ -722,7 +722,9 @@ def train(
         [0, 1], path): called with every preview grid.
 
     A NaN/inf loss raises TrainingDiverged without saving; Ctrl-C saves
-    latest.pt and re-raises KeyboardInterrupt.
+    latest.pt and re-raises KeyboardInterrupt. Started by torchrun with
+    WORLD_SIZE > 1, every process calls this and they train data-parallel
+    (``helpers.distributed``); only rank 0 writes files and calls the callbacks.
     """
     from tqdm.auto import tqdm
 
