@@ -167,8 +167,8 @@ class Distributed:
         except (RuntimeError, torch.distributed.DistBackendError) as err:
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {what} failed ({str(err).splitlines()[0]}). Another "
-                f"process has stopped or stalled for more than {self.timeout_s:g} s; its own error is printed "
-                f"above. Resume from the last checkpoint with --resume."
+                f"process stopped (its own error is printed above) or did not answer within {self.timeout_s:g} s "
+                f"(${TIMEOUT_ENV}). Resume from the last checkpoint with --resume."
             ) from err
 
     def broadcast_from_main(self, module: nn.Module) -> None:
