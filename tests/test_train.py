@@ -190,6 +190,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 def test_keyboard_interrupt_saves_before_leaving(synthetic_features, tmp_path, tiny_clip):
+    # Python's own Ctrl-C handler, even where the test runner was started with SIGINT ignored
+    # (a background job of a non-interactive shell).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def on_log(row):
         if row["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C: finish the step, save, stop
@@ -198,7 +202,10 @@ def test_keyboard_interrupt_saves_before_leaving(synthetic_features, tmp_path, t
         train(synthetic_features, tmp_path / "run", tiny_config(steps=8, checkpoint_every=100, snapshot_every=100),
               clip=tiny_clip, on_log=on_log, progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    try:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 # --------------------------------------------------------------------------- the step
