@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write_bytes
 from .errors import UserError
 
 EXTRACTORS = ("auto", "inception", "clip", "random-conv")
@@ -126,18 +125,7 @@ def _batches(n: int, size: int) -> list[slice]:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as indented JSON through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- the protocol

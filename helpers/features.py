@@ -22,7 +22,6 @@ holding every image once, center-cropped and resized to 256 px, as uint8
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, atomic_write
 
 FEATURES_FORMAT = "helpers-t2i-features/1"
 IMAGE_SIZE = 256  # every stored image is 256 x 256 RGB
@@ -78,15 +77,7 @@ def write_features(
         if values.shape != (n, len(names)):
             raise ValueError(f"attribute values must be bool [{n}, {len(names)}], got {tuple(values.shape)}")
         extra["attributes"] = dict(names=names, values=values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(images))
-        os.replace(tmp, images_path(path))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(images_path(path), lambda f: np.save(f, np.ascontiguousarray(images)))
     return atomic_save(
         dict(
             format=FEATURES_FORMAT,

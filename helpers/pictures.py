@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from .checkpoint import atomic_write_bytes
 
 PADDING = 2  # px between tiles and around the grid
 BACKGROUND = (255, 255, 255)
@@ -69,17 +70,7 @@ def save_png(image: Image.Image | Tensor, path: str | os.PathLike) -> Path:
     """
     if isinstance(image, Tensor):
         image = to_pil(image)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png_bytes(image))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, png_bytes(image))
 
 
 def resize_tile(image: Image.Image, size: int) -> Image.Image:

@@ -25,7 +25,6 @@ import colorsys
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .captions import CELEBA_ATTRIBUTES, captions_for_attributes
+from .checkpoint import atomic_write_bytes
 
 # The drawn attributes, in CelebA's order.
 TOY_ATTRIBUTES: tuple[str, ...] = (
@@ -427,7 +427,7 @@ def write_toyfaces(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", *TOY_ATTRIBUTES])
     writer.writerows(rows)
-    _atomic_write_text(out / "attributes.csv", buffer.getvalue())
+    atomic_write_bytes(out / "attributes.csv", buffer.getvalue().encode("utf-8"))
     return out
 
 
@@ -437,17 +437,6 @@ def read_attributes_csv(path: str | os.PathLike) -> dict[str, dict[str, bool]]:
         reader = csv.DictReader(f)
         names = [c for c in (reader.fieldnames or []) if c != "file"]
         return {row["file"]: {name: row[name] == "1" for name in names} for row in reader}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # command line: python -m helpers toyfaces --n N --out DIR [--seed S]

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from .checkpoint import (
     CHECKPOINT_FORMAT,
     LATEST,
     atomic_save,
+    atomic_write_bytes,
     copy_atomic,
     load_checkpoint,
     prune_snapshots,
@@ -550,18 +550,6 @@ class Trainer:
 # --------------------------------------------------------------------------- run directory helpers
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def preview_grid(images: list[Tensor]) -> Tensor:
     """Images per stage (each [N, 3, h, h] in [-1, 1]) -> one grid [3, H, W] in [0, 1].
 
@@ -588,7 +576,7 @@ def save_png(image: Tensor, path: Path) -> Path:
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
-    _atomic_write_bytes(buffer.getvalue(), path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -620,7 +608,7 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write_bytes(buffer.getvalue(), path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -801,7 +789,7 @@ def train(
     history = [row for row in read_metrics(metrics_path) if row["step"] <= trainer.step]
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes("".join(json.dumps(r) + "\n" for r in history).encode(), metrics_path)  # drop rows past the checkpoint
+        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())  # drop rows past the checkpoint
     captions = load_preview_captions(cfg.preview_captions)
     preview_text = clip.encode_text(captions)
     preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
