@@ -695,18 +695,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .checkpoint import atomic_write_bytes
+
+    return atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- command line
