@@ -70,8 +70,8 @@ def build_demo(
     assets_dir: str | os.PathLike = ASSETS,
     seed: int = 0,
     num_faces: int = 12000,
-    clip_steps: int = 1000,
-    gan_steps: int = 5000,
+    clip_steps: int = 800,
+    gan_steps: int = 3500,
     device: str | torch.device | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -300,8 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--assets-dir", default=str(ASSETS), help="where the demo files are written")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-faces", type=int, default=12000, help="toy faces to draw")
-    parser.add_argument("--clip-steps", type=int, default=1000, help="demo CLIP training steps")
-    parser.add_argument("--gan-steps", type=int, default=5000, help="generator training steps")
+    parser.add_argument("--clip-steps", type=int, default=800, help="demo CLIP training steps")
+    parser.add_argument("--gan-steps", type=int, default=3500, help="generator training steps")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--measure-only", action="store_true",
