@@ -109,10 +109,16 @@ def choose_prompts(
 def _attribute_tools(data: dict[str, Any]) -> Any | None:
     """The attribute-accuracy module when the features are toy faces with their attributes.
 
-    Only toy faces: the classifier was trained on drawn faces, so on CelebA images (which
-    carry attributes too) its verdicts would mean nothing.
+    Only toy faces (the ``toyfaces`` source, or a folder written by ``python -m helpers
+    toyfaces``, whose attributes are exactly the drawn ones): the classifier was trained on
+    drawn faces, so on CelebA images (which carry 40 attributes) its verdicts would mean nothing.
     """
-    if "attributes" not in data or data["meta"].get("source_kind") != "toyfaces":
+    from .toyfaces import TOY_ATTRIBUTES
+
+    if "attributes" not in data:
+        return None
+    drawn = sorted(data["attributes"]["names"]) == sorted(TOY_ATTRIBUTES)
+    if data["meta"].get("source_kind") != "toyfaces" and not drawn:
         return None
     from . import attributes
 

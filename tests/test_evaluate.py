@@ -138,3 +138,18 @@ def test_attribute_accuracy_on_toy_faces(tiny_checkpoint, toy_features, monkeypa
     monkeypatch.setattr(attributes, "load_attribute_classifier", missing)
     report = evaluate(tiny_checkpoint, toy_features, **kwargs)
     assert "attribute_accuracy" not in report and "skipped" in report["protocol"]["attribute_note"]
+
+
+def test_attribute_accuracy_needs_the_drawn_attributes(synthetic_features):
+    """A toy faces folder (source kind "folder") qualifies by its attribute names; CelebA's 40 do not."""
+    from helpers.captions import CELEBA_ATTRIBUTES
+    from helpers.evaluate import _attribute_tools
+    from helpers.toyfaces import TOY_ATTRIBUTES
+
+    data = torch.load(synthetic_features, weights_only=False)
+    assert _attribute_tools(data) is None  # no attributes at all
+    data["meta"]["source_kind"] = "folder"
+    data["attributes"] = dict(names=list(TOY_ATTRIBUTES), values=torch.zeros(12, len(TOY_ATTRIBUTES), dtype=torch.bool))
+    assert _attribute_tools(data) is not None
+    data["attributes"] = dict(names=list(CELEBA_ATTRIBUTES), values=torch.zeros(12, 40, dtype=torch.bool))
+    assert _attribute_tools(data) is None
