@@ -52,7 +52,7 @@ from .checkpoint import (
     prune_snapshots,
     snapshot_name,
 )
-from .config import ModelConfig, model_preset
+from .config import ModelConfig, dataclass_from_dict, model_preset
 from .errors import UserError
 from .network import Generator, build_models
 
@@ -132,11 +132,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Rebuild from ``to_dict`` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
