@@ -5,7 +5,8 @@ of BCE, including its mismatched-text term (a real image with another image's
 caption counts as fake). The contrastive terms follow LAFITE (Zhou et al. 2022):
 InfoNCE between image-side embeddings and CLIP text features, computed in fp32
 with cross-entropy and averaged over the batch (the bootcamp reference summed
-them, which tied their scale to the batch size).
+them, which tied their scale to the batch size). The mode-seeking term is
+MSGAN's (Mao et al. 2019): it rewards images that move when only the noise does.
 """
 
 from __future__ import annotations
@@ -67,3 +68,18 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float = 0.5) -
     logits = txt @ img.t() / temperature  # [B_text, B_image]
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tensor, z_b: Tensor, *, eps: float = 1e-5) -> Tensor:
+    """MSGAN's mode-seeking term: 1 / (image distance / noise distance), averaged over stages.
+
+    images_a[s], images_b[s]: [K, 3, H, W] in [-1, 1], generated from the same K texts
+    with noise z_a and z_b [K, z_dim]. Per stage, the ratio is mean |a - b| / mean |z_a - z_b|;
+    the loss is the mean over stages of 1 / (ratio + eps), large when G ignores z (mode
+    collapse) and small when different noise gives different images.
+    """
+    if len(images_a) != len(images_b) or not images_a:
+        raise ValueError("images_a and images_b must be non-empty lists of the same length")
+    z_gap = (z_a.float() - z_b.float()).abs().mean()
+    terms = [1.0 / ((a.float() - b.float()).abs().mean() / z_gap + eps) for a, b in zip(images_a, images_b)]
+    return torch.stack(terms).mean()

@@ -86,6 +86,7 @@ class TrainConfig:
     clip_weight: float = 10.0  # lambda: CLIP InfoNCE between generated images and the text (LAFITE/reference: 10)
     clip_stages: list[int] = field(default_factory=lambda: [-1])  # stages with the CLIP loss (-1: the last)
     kl_weight: float = 1.0  # beta: KL of conditioning augmentation (reference: 1)
+    mode_seeking_weight: float = 0.0  # MSGAN term against mode collapse (0: off); costs G a quarter more images
     temperature: float = 0.5  # tau of both InfoNCE losses (reference/LAFITE: 0.5)
     language_free: bool = False  # LAFITE: train on image features + noise instead of caption features
     pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
@@ -399,10 +400,20 @@ class Trainer:
 
     def generate(self, text: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """One G forward (train mode, with grad): text [B, D] -> (fakes per stage, mu, logvar)."""
-        B = text.shape[0]
-        z = torch.randn(B, self.cfg.model.z_dim, generator=self.generator, device=self.device)
+        fakes, mu, logvar, _ = self._generate(text)
+        return fakes, mu, logvar
+
+    def _generate(self, text: Tensor, twins: int = 0) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """G forward of text [B, D] plus ``twins`` extra rows repeating text[:twins] with other noise.
+
+        -> (fakes per stage [B + twins, ...], mu, logvar [B + twins, cond_dim], z [B + twins, z_dim]).
+        """
+        if twins:
+            text = torch.cat([text, text[:twins]])
+        z = torch.randn(text.shape[0], self.cfg.model.z_dim, generator=self.generator, device=self.device)
         with self.autocast():
-            return self.G(text, z, generator=self.generator)
+            fakes, mu, logvar = self.G(text, z, generator=self.generator)
+        return fakes, mu, logvar, z
 
     # ----------------------------------------------------------------- the two halves of a step
 
@@ -445,8 +456,15 @@ class Trainer:
         values["d_loss"] = sum(values[f"d{i}"] for i in range(len(self.D)))
         return values
 
-    def g_step(self, fakes: list[Tensor], mu: Tensor, logvar: Tensor, text: Tensor) -> dict[str, float]:
-        """Update G once from the (non-detached) fakes of this step; returns its loss terms as floats."""
+    def g_step(
+        self, fakes: list[Tensor], mu: Tensor, logvar: Tensor, text: Tensor,
+        twins: tuple[list[Tensor], Tensor, Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Update G once from the (non-detached) fakes of this step; returns its loss terms as floats.
+
+        ``twins`` (mode seeking): (images per stage [K, ...] generated from text[:K] with
+        other noise, the noise of fakes[:K] [K, z_dim], the twins' noise [K, z_dim]).
+        """
         cfg = self.cfg
         condition = mu.detach().float()  # D's condition is a label: G must not move it to fool D
         self.D.requires_grad_(False)  # no weight gradients for D in G's backward
@@ -472,6 +490,12 @@ class Trainer:
                 total = total + loss
             kl = losses.kl_loss(mu, logvar)
             total = total + cfg.kl_weight * kl
+            if twins is not None:
+                twin_images, z_own, z_twin = twins
+                k = z_own.shape[0]
+                seeking = losses.mode_seeking_loss([f[:k] for f in fakes], twin_images, z_own, z_twin)
+                total = total + cfg.mode_seeking_weight * seeking
+                terms["mode_seeking"] = seeking.detach()
         terms["kl"] = kl.detach()
         terms["g_loss"] = total.detach()
         self._backward(total)
@@ -486,9 +510,18 @@ class Trainer:
         if self.sync is not None:  # distributed: this rank's noise, seeded by (run seed, rank, step)
             self.sync.begin_step(self)
         b = self.prepare_batch(batch)
-        fakes, mu, logvar = self.generate(b["text"])  # once per step, reused by both halves
+        B = b["text"].shape[0]
+        # mode seeking: a quarter of the texts again with other noise, in the same G forward
+        k = max(1, B // 4) if self.cfg.mode_seeking_weight > 0 else 0
+        twins = None
+        if k:
+            fakes, mu, logvar, z = self._generate(b["text"], twins=k)
+            twins = ([f[B:] for f in fakes], z[:k], z[B:])
+            fakes, mu, logvar = [f[:B] for f in fakes], mu[:B], logvar[:B]
+        else:
+            fakes, mu, logvar = self.generate(b["text"])  # once per step, reused by both halves
         values = self.d_step(b["real"], fakes, mu, b["text"], b["mismatched"])
-        values.update(self.g_step(fakes, mu, logvar, b["text"]))
+        values.update(self.g_step(fakes, mu, logvar, b["text"], twins))
         if self.scaler is not None:
             self.scaler.update()
         ema_update(self.G_ema, self.G, ema_decay_at(self.step, self.cfg.ema_decay))

@@ -68,3 +68,19 @@ def test_info_nce_rejects_bad_inputs():
         losses.info_nce(torch.randn(4, 8), torch.randn(4, 9))
     with pytest.raises(ValueError, match="temperature"):
         losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0)
+
+
+def test_mode_seeking_loss_on_known_images():
+    z_a, z_b = torch.zeros(2, 8), torch.ones(2, 8)  # mean |z_a - z_b| = 1
+    a = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 8, 8)]
+    b = [torch.full((2, 3, 4, 4), 0.5), torch.full((2, 3, 8, 8), 0.25)]
+    # ratios 0.5 and 0.25 -> mean of 1/0.5 and 1/0.25
+    assert losses.mode_seeking_loss(a, b, z_a, z_b).item() == pytest.approx(3.0, rel=1e-4)
+    # the same image whatever the noise (collapse) costs the most
+    assert losses.mode_seeking_loss(a, a, z_a, z_b).item() == pytest.approx(1e5)
+    # its gradient pushes the two images apart
+    moving = torch.full((1, 3, 4, 4), 0.1, requires_grad=True)
+    losses.mode_seeking_loss([torch.zeros(1, 3, 4, 4)], [moving], z_a[:1], z_b[:1]).backward()
+    assert (moving.grad < 0).all()
+    with pytest.raises(ValueError, match="same length"):
+        losses.mode_seeking_loss(a, b[:1], z_a, z_b)

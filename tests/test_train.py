@@ -101,9 +101,10 @@ def test_cli_trains_and_writes_checkpoint_metrics_and_previews(synthetic_feature
 # --------------------------------------------------------------------------- exact resume
 
 
-def test_resume_continues_exactly(synthetic_features, tmp_path, tiny_clip):
-    straight = train(synthetic_features, tmp_path / "a", tiny_config(steps=4), clip=tiny_clip, progress=False)
-    train(synthetic_features, tmp_path / "b", tiny_config(steps=2), clip=tiny_clip, progress=False)
+@pytest.mark.parametrize("extra", [{}, {"mode_seeking_weight": 1.0}], ids=["plain", "mode-seeking"])
+def test_resume_continues_exactly(synthetic_features, tmp_path, tiny_clip, extra):
+    straight = train(synthetic_features, tmp_path / "a", tiny_config(steps=4, **extra), clip=tiny_clip, progress=False)
+    train(synthetic_features, tmp_path / "b", tiny_config(steps=2, **extra), clip=tiny_clip, progress=False)
     resumed = train(synthetic_features, tmp_path / "b", None, overrides={"steps": 4}, resume=True,
                     clip=tiny_clip, progress=False)
     assert straight.step == resumed.step == 4
@@ -233,6 +234,23 @@ def test_d_step_sends_no_gradient_to_G_and_g_step_none_to_D(trainer_and_batch):
     assert all(p.grad is not None for p in trainer.G.parameters())
     assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, trainer.D.parameters()))
     assert all(p.requires_grad for p in trainer.D.parameters())
+
+
+def test_mode_seeking_twins_reach_G_only(trainer_and_batch, tiny_clip, monkeypatch):
+    _, batch = trainer_and_batch  # 3 images: one twin
+    trainer = Trainer(tiny_config(mode_seeking_weight=1.0), clip=tiny_clip)
+    seen = {}
+    d_step = trainer.d_step
+
+    def recording_d_step(real, fakes, mu, text, mismatched):
+        seen["d"] = [f.shape[0] for f in fakes] + [mu.shape[0]]
+        return d_step(real, fakes, mu, text, mismatched)
+
+    monkeypatch.setattr(trainer, "d_step", recording_d_step)
+    values = trainer.train_step(batch)
+    assert seen["d"] == [3, 3, 3]  # D judges the batch, not the twins
+    assert math.isfinite(values["mode_seeking"]) and values["mode_seeking"] > 0
+    assert "mode_seeking" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
 
 
 def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_clip):
