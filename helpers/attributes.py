@@ -133,7 +133,10 @@ def attribute_accuracy(
 
     images: [B, 3, H, W] in [-1, 1] (64, 128 or 256 px); wanted: B attribute sets (see
     ``attributes_tensor``) or a bool tensor [B, len(TOY_ATTRIBUTES)]. Returns
-    ``{"per_attribute": {name: accuracy in [0, 1]}, "mean": mean of those, "n": B}``.
+    ``{"per_attribute": {name: accuracy in [0, 1]}, "mean": mean of those, "n": B,
+    "recall": {name: share of the images asked for the attribute that show it, or None}}``.
+    Accuracy counts a correct "no" as much as a correct "yes", so a rare attribute that is never
+    drawn still scores high; recall shows whether it is drawn when asked for.
     """
     target = attributes_tensor(wanted)
     if target.shape[0] != images.shape[0]:
@@ -142,10 +145,13 @@ def attribute_accuracy(
         raise ValueError("attribute_accuracy needs at least one image")
     predicted = predict_attributes(images, classifier=classifier)
     per_attribute = (predicted == target).float().mean(0)
+    asked = target.sum(0)
+    shown = (predicted & target).sum(0)
     return {
         "per_attribute": {name: float(acc) for name, acc in zip(TOY_ATTRIBUTES, per_attribute)},
         "mean": float(per_attribute.mean()),
         "n": int(images.shape[0]),
+        "recall": {name: float(s / a) if a else None for name, s, a in zip(TOY_ATTRIBUTES, shown, asked)},
     }
 
 

@@ -70,6 +70,15 @@ def test_accuracy_counts_what_was_asked(fresh_faces):
     assert result["per_attribute"]["Smiling"] <= 0.1 and result["mean"] < as_tensor["mean"]
     one = attribute_accuracy(x[:1], [asked[0] | {"Young": True}])  # undrawn CelebA names are ignored
     assert one["n"] == 1
+    # recall: of the images asked for an attribute, the share that show it
+    assert min(r for r in as_tensor["recall"].values() if r is not None) >= 0.9
+    none_asked = attributes_tensor(asked)
+    none_asked[:, TOY_ATTRIBUTES.index("Wearing_Hat")] = False
+    assert attribute_accuracy(x, none_asked)["recall"]["Wearing_Hat"] is None
+    all_asked = attributes_tensor(asked)
+    all_asked[:, TOY_ATTRIBUTES.index("Wearing_Hat")] = True  # most of these faces have no hat
+    hats = attributes_tensor(asked)[:, TOY_ATTRIBUTES.index("Wearing_Hat")].float().mean().item()
+    assert attribute_accuracy(x, all_asked)["recall"]["Wearing_Hat"] == pytest.approx(hats, abs=1 / 24)
 
 
 def test_bad_input(fresh_faces, tmp_path):
