@@ -8,7 +8,8 @@
 - one full training step (``Trainer.train_step``: every D step and the G step, CLIP loss
   included) in images/s at a configurable batch, for both presets (on a CPU also with
   fused Adam, on a GPU with and without AMP);
-- the data loader (``FeaturesDataset`` through the training loop's sampler) on its own;
+- the data loader (``FeaturesDataset`` through the training loop's sampler) on its own, at steady
+  state (the workers' start is reported apart);
 - the machine's reference rate: a large square matmul, fp32 on a CPU, bf16 on a GPU.
 
 Model FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
@@ -66,8 +67,8 @@ class BenchSettings:
     breakdown: bool = True  # profile one faces sampling call and one faces training step
 
 
-QUICK = BenchSettings(warmup=1, repeats=3, matmul_size=2048, loader_images=64)
-FULL = BenchSettings(warmup=2, repeats=7, matmul_size=4096, loader_images=256)
+QUICK = BenchSettings(warmup=1, repeats=3, matmul_size=2048, loader_images=480)
+FULL = BenchSettings(warmup=2, repeats=7, matmul_size=4096, loader_images=1920)
 
 
 @dataclass
@@ -391,31 +392,44 @@ def write_random_features(path: Path, *, n: int, dim: int, seed: int = 0) -> Pat
 
 def loader_row(*, device: torch.device, settings: BenchSettings, batch_size: int, num_stages: int = 3) -> dict[str, Any]:
     """The training loop's data path on its own (FeaturesDataset, seeded items, the run's
-    sampler, its worker count and pinning), in images/s over one pass of a random file."""
+    sampler, its worker count and pinning), in images/s at steady state over a random file.
+
+    Training keeps one loader for the whole run, so the workers' start (until the first
+    batch arrives) is reported apart (``startup_s``) and not counted in the rate.
+    """
     from torch.utils.data import DataLoader
 
     from .features import FeaturesDataset
     from .train import RunBatches, SeededItems
 
-    n = max(settings.loader_images, 2 * batch_size)
+    n = max(settings.loader_images, 4 * batch_size)
     workers = 2 if device.type == "cuda" else 0  # what train() uses by default
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_features(Path(tmp) / "bench.pt", n=n, dim=32)
         dataset = FeaturesDataset(path, split="train", num_stages=num_stages)
-        steps = n // batch_size
+        steps = len(dataset) // batch_size
 
-        def one_pass() -> None:
-            sampler = RunBatches(n, batch_size, seed=0, start_step=0, total_steps=steps)
-            loader = DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers,
-                                pin_memory=device.type == "cuda")
+        def one_pass() -> tuple[float, float]:
+            """(seconds until the first batch, seconds per image after it)."""
+            t0 = time.perf_counter()
+            sampler = RunBatches(len(dataset), batch_size, seed=0, start_step=0, total_steps=steps)
+            loader = iter(DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers,
+                                     pin_memory=device.type == "cuda"))
+            [x.to(device, non_blocking=True) for x in next(loader)["images"]]
+            synchronize(device)
+            t1 = time.perf_counter()
             for batch in loader:
                 [x.to(device, non_blocking=True) for x in batch["images"]]
+            synchronize(device)
+            return t1 - t0, (time.perf_counter() - t1) / ((steps - 1) * batch_size)
 
         with peak_memory(device) as mem:
-            seconds, _ = median_time(one_pass, device=device, warmup=1, repeats=max(1, settings.repeats // 2))
-    row = _row("loader", "data loader", steps * batch_size, seconds, None, 1.0, mem, workers=workers)
-    row["batch"] = batch_size
-    row["ms_per_image"] = 1e3 * seconds / (steps * batch_size)
+            for _ in range(settings.warmup):
+                one_pass()
+            passes = [one_pass() for _ in range(max(1, settings.repeats // 2))]
+    per_image = statistics.median(p[1] for p in passes)
+    row = _row("loader", "data loader", batch_size, per_image * batch_size, None, 1.0, mem, workers=workers,
+               startup_s=statistics.median(p[0] for p in passes))
     return row
 
 
@@ -652,7 +666,7 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for r in report["rows"]:
         frac = None if r["fraction_of_matmul"] is None else 100 * r["fraction_of_matmul"]
-        variant = r.get("variant", f"{r.get('workers', 0)} workers")
+        variant = r.get("variant", f"{r.get('workers', 0)} workers, steady")
         lines.append(
             f"| {r['name']} | {variant} | {r['batch']} | {_fmt(r['ms_per_image'], '.1f')} | "
             f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['gflop_per_image'], '.2f')} | {_fmt(r['gflop_per_s'], '.0f')} | "
@@ -731,7 +745,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             frac = row["fraction_of_matmul"]
             print(f"{row['name']} [{row.get('variant', str(row.get('workers', 0)) + ' workers')}] batch {row['batch']}: {row['images_per_s']:.2f} images/s"
-                  + ("" if frac is None else f", {100 * frac:.0f}% of matmul"), flush=True)
+                  + ("" if frac is None else f", {100 * frac:.0f}% of matmul")
+                  + (f" (after {row['startup_s']:.2f} s to the first batch)" if "startup_s" in row else ""), flush=True)
 
     cases = [preset_case(p, batch_size=args.batch_size) for p in args.presets]
     report = run_bench(device=args.device, quick=args.quick, cases=cases, on_row=on_row)
