@@ -75,7 +75,7 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "faces": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3),
-    "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=128, nd=8, num_stages=3),
+    "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=256, nd=8, num_stages=3),
 }
 
 

@@ -33,10 +33,11 @@ def test_assets_are_small_and_complete():
     sizes = {n: (ASSETS / n).stat().st_size for n in names}
     assert sum(sizes.values()) < 40 * 2**20, sizes
     quality = json.loads((ASSETS / "demo_report.json").read_text())["quality"]
-    # The recorded measurement: the 128 px stage follows the text well above the level
-    # of a generator that ignores it (see the README's demo section for all stages).
-    assert quality["per_stage"]["128"]["mean"] > 0.85
-    assert quality["per_stage"]["128"]["mean"] > quality["majority_baseline"] + 0.05
+    # The recorded measurement (README, "The embedded demo"): the 256 px images follow the
+    # text (target 0.90, well above a generator that ignores it), and vary across seeds.
+    assert quality["attribute_accuracy"] == quality["per_stage"]["256"]["mean"] >= 0.90
+    assert quality["attribute_accuracy"] > quality["majority_baseline"] + 0.1
+    assert quality["diversity"]["ratio"] > 0.5
 
 
 def test_demo_generates_all_three_stages(demo):
@@ -51,7 +52,7 @@ def test_demo_generates_all_three_stages(demo):
 def test_demo_follows_the_prompt(demo):
     prompts = list(CHECKS)
     n = 6
-    images = generate(prompts, n=n, seed=100, model=demo)[0]  # 64 px: the demo's 256 px stage is weak
+    images = generate(prompts, n=n, seed=100, model=demo)[-1]  # 256 px
     seen = predict_attributes(images, classifier=load_attribute_classifier(device="cpu"))
     hits = []
     for p, prompt in enumerate(prompts):
@@ -59,14 +60,15 @@ def test_demo_follows_the_prompt(demo):
             column = TOY_ATTRIBUTES.index(want.lstrip("-"))
             shown = seen[p * n : (p + 1) * n, column]
             hits.append((~shown if want.startswith("-") else shown).float().mean().item())
-    # Chance for these attributes is 10-50% (about 0.35 on average here); measured: 0.76.
-    assert sum(hits) / len(hits) > 0.6, hits
+    # Chance for these attributes is 10-50% (about 0.35 on average here); measured: 0.92
+    # (every check but the hat, which the demo rarely draws).
+    assert sum(hits) / len(hits) > 0.75, hits
 
 
 def test_demo_is_not_mode_collapsed(demo):
-    images = generate(["The man has brown hair."], n=6, seed=7, model=demo)[0]
-    # measured: 0.09; identical images give 0; real toy faces sharing attributes about 0.47
-    assert pairwise_distance(images) > 0.03
+    images = generate(["The man has brown hair."], n=6, seed=7, model=demo)[-1]
+    # measured: 0.33; identical images give 0; real toy faces sharing attributes about 0.47
+    assert pairwise_distance(images) > 0.15
 
 
 def test_pairwise_distance():
