@@ -403,6 +403,10 @@ class Trainer:
         fakes, mu, logvar, _ = self._generate(text)
         return fakes, mu, logvar
 
+    def twins(self, batch_size: int) -> int:
+        """Rows G generates a second time per step for the mode-seeking term: a quarter of the batch (0 when off)."""
+        return max(1, batch_size // 4) if self.cfg.mode_seeking_weight > 0 else 0
+
     def _generate(self, text: Tensor, twins: int = 0) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """G forward of text [B, D] plus ``twins`` extra rows repeating text[:twins] with other noise.
 
@@ -511,8 +515,7 @@ class Trainer:
             self.sync.begin_step(self)
         b = self.prepare_batch(batch)
         B = b["text"].shape[0]
-        # mode seeking: a quarter of the texts again with other noise, in the same G forward
-        k = max(1, B // 4) if self.cfg.mode_seeking_weight > 0 else 0
+        k = self.twins(B)
         twins = None
         if k:
             fakes, mu, logvar, z = self._generate(b["text"], twins=k)

@@ -174,3 +174,16 @@ def test_random_clip_architectures_build_offline():
 def test_cli_rejects_a_batch_of_one(capsys):
     assert main(["bench", "--batch-size", "1"]) == 2
     assert "--batch-size must be at least 2" in capsys.readouterr().err
+
+
+def test_the_bound_counts_the_mode_seeking_draws():
+    config = TrainConfig(model=ModelConfig(**TINY), batch_size=4, mode_seeking_weight=1.0)
+    case = bench.Case("tiny", config, "tiny-random")
+    rows, _ = bench.training_rows(case, device=torch.device("cpu"), settings=TINY_SETTINGS, rate=1.0)
+    train = rows[0]
+    assert train["g_rows"] == 1.25  # one of the four texts goes through G a second time
+    forward = train["forward_gflop_per_image"]
+    bound = bench.step_flops_bound(forward["G"], forward["D"], forward["clip"], g_rows=1.25)
+    assert train["bound_gflop_per_image"] == pytest.approx(bound)
+    assert 3 * 1.25 * forward["G"] + 3 * sum(forward["D"]) < train["gflop_per_image"] <= bound
+    assert bench.g_term(1.25) == "G x 1.25" and bench.g_term(1.0) == "G"  # as the table prints the bound
