@@ -9,7 +9,8 @@ et al. 2022) and the EMA generator of StyleGAN (Karras et al.). One step:
    batch with every head on the same features; all D optimisers step;
 3. G step: the same fakes, not detached, through the updated discriminators
    (their weights frozen for this backward), plus the CLIP loss at the
-   configured stages and the KL term; G steps and the EMA copy follows.
+   configured stages, the KL term and (when on) MSGAN's mode-seeking term;
+   G steps and the EMA copy follows.
 
 ``train()`` adds the data order, checkpoints (exact resume), previews from the
 EMA generator, metrics and the loss-curve plot. ``python -m helpers train`` is
@@ -514,15 +515,16 @@ class Trainer:
         if self.sync is not None:  # distributed: this rank's noise, seeded by (run seed, rank, step)
             self.sync.begin_step(self)
         b = self.prepare_batch(batch)
-        B = b["text"].shape[0]
-        k = self.twins(B)
+        # G runs once per step; its fakes serve both halves (with mode seeking, the same forward
+        # also draws the twins: the first k texts again with other noise, for G's loss only)
+        B, k = b["text"].shape[0], self.twins(b["text"].shape[0])
         twins = None
         if k:
             fakes, mu, logvar, z = self._generate(b["text"], twins=k)
             twins = ([f[B:] for f in fakes], z[:k], z[B:])
             fakes, mu, logvar = [f[:B] for f in fakes], mu[:B], logvar[:B]
         else:
-            fakes, mu, logvar = self.generate(b["text"])  # once per step, reused by both halves
+            fakes, mu, logvar = self.generate(b["text"])
         values = self.d_step(b["real"], fakes, mu, b["text"], b["mismatched"])
         values.update(self.g_step(fakes, mu, logvar, b["text"], twins))
         if self.scaler is not None:
