@@ -13,8 +13,8 @@ import argparse
 import importlib
 import sys
 
-from .checkpoint import CheckpointError
-from .errors import UserError
+from .console import say
+from .errors import UserError  # CheckpointError, OutputError and the rest are UserErrors
 
 # name -> (module, one-line help); each module defines add_arguments() and run()
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,10 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (UserError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError) as err:
+        say(f"error: {err}", err=True)
         return 2
+    except OSError as err:  # the file system said no: one line naming the file, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        say(f"error: {where}{err.strerror or err}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        say(f"interrupted: {args.command} stopped before it finished", err=True)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+    except OSError:  # stdout went away (a closed pipe): nothing is left to say, keep the exit quiet
+        from .console import silence_closed_stdout
+
+        silence_closed_stdout()
+    sys.exit(code)

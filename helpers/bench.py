@@ -560,7 +560,9 @@ def run_bench(
     cases: what to measure (default: the demo and faces presets at ``batch_size``);
     settings: default ``QUICK`` or ``FULL``; on_row(row) is called as each row is done.
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .devices import resolve_device
+
+    device = resolve_device(device)
     settings = settings or (QUICK if quick else FULL)
     cases = cases if cases is not None else [preset_case(p, batch_size=batch_size) for p in ("demo", "faces")]
     if device.type == "cpu":

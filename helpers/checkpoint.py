@@ -3,13 +3,14 @@
 A checkpoint is one ``torch.save`` dict with ``"format": CHECKPOINT_FORMAT``.
 A training snapshot holds everything needed to resume exactly (step, configs,
 G, G_ema, every D, every optimiser, the AMP scaler, RNG states, CLIP spec); a
-sampling export holds only ``model_config``, ``clip_spec``, ``step`` and
+sampling export holds only ``model_config``, ``clip_spec``, ``clip_identity``, ``step`` and
 ``G_ema``. Files are written to a temporary name and renamed, so an
 interrupted write (a Colab disconnect) never leaves a broken file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -19,11 +20,39 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .errors import UserError
+
 CHECKPOINT_FORMAT = "helpers-t2i-gan/1"
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are ".NAME.XXXXXXXX.tmp" beside NAME
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, truncated or not one of ours."""
+
+
+class OutputError(UserError):
+    """An output file cannot be written (read-only folder, full disk, a file where a folder should be)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _output_error(path: Path, err: OSError) -> OutputError:
+    """One line naming the user's ``path`` (never the temporary file) and what went wrong."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return OutputError(f"cannot write {path}: {parent} is a file, not a folder; choose another path")
+            break
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free some space or write elsewhere)"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason += " (choose a folder you can write to)"
+    return OutputError(f"cannot write {path}: {reason}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
@@ -31,20 +60,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
     A reader never sees half a file, and a failed write leaves the previous file
     (if any) in place and no temporary file behind. Parent folders are created.
+    The file gets the permissions of any new file (0666 less the umask). An
+    ``OSError`` of the file system becomes an ``OutputError`` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a program's files follow the umask
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise _output_error(path, err) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed process left in ``folders`` (not recursive); returns them.
+
+    Only call this while holding the folder's run lock: another writer's file in
+    flight looks the same.
+    """
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_dir():
+            for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
+                if tmp.is_file():
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -126,6 +181,7 @@ def export_generator(checkpoint_path: str | os.PathLike, out_path: str | os.Path
         format=CHECKPOINT_FORMAT,
         model_config=ckpt["model_config"],
         clip_spec=ckpt["clip_spec"],
+        clip_identity=ckpt.get("clip_identity"),
         step=int(ckpt.get("step", 0)),
         G_ema=ckpt["G_ema"],
     )

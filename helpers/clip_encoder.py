@@ -22,6 +22,12 @@ A longer prompt is truncated to its first 75 tokens and a ``LongPromptWarning``
 names it; nothing is split or averaged, so a feature always comes from one
 CLIP pass over the beginning of the text.
 
+OpenAI's weights run with the activation they were trained with, QuickGELU: open_clip
+2.29 and later no longer switch to it for ``pretrained="openai"`` on their own, so
+every model built from a pretrained tag takes the activation the tag asks for.
+``ClipEncoder.identity`` (spec, activation, open_clip version) is recorded with the
+features file and the checkpoints; ``check_same_clip`` refuses a CLIP that differs.
+
 The weights are frozen and the model stays in eval mode; ``embed_generated``
 is differentiable with respect to its input images (for the CLIP loss).
 """
@@ -36,6 +42,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import UserError
 
 CONTEXT_LENGTH = 77  # CLIP's text window in tokens, start and end tokens included
 CLIP_FORMAT = "helpers-clip/1"  # the self-describing weights file written by save_clip
@@ -88,6 +96,12 @@ class ClipEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"])).shape[-1])
+        self.activation = activation_of(self.model)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What identifies the network: ``dict(spec=, activation="quick_gelu" | "gelu" | ..., open_clip=version)``."""
+        return dict(spec=self.spec, activation=self.activation, open_clip=_open_clip_version())
 
     def train(self, mode: bool = True) -> "ClipEncoder":
         # CLIP stays in eval mode whatever the caller does: it is a frozen feature extractor.
@@ -151,6 +165,51 @@ class ClipEncoder(nn.Module):
         """
         features = self.model.encode_image(self._pixels((images + 1) / 2))
         return F.normalize(features.float(), dim=-1)
+
+
+def activation_of(model: nn.Module) -> str:
+    """The MLP activation of a CLIP: ``"quick_gelu"`` (OpenAI's), ``"gelu"``, or another class name, lowercased."""
+    names = {type(m).__name__ for m in model.modules()}
+    if "QuickGELU" in names:
+        return "quick_gelu"
+    if "GELU" in names:
+        return "gelu"
+    for name in ("SiLU", "ReLU"):
+        if name in names:
+            return name.lower()
+    return "unknown"
+
+
+def _open_clip_version() -> str:
+    try:
+        import open_clip
+
+        return str(getattr(open_clip, "__version__", "unknown"))
+    except ImportError:
+        return "not installed"
+
+
+def check_same_clip(recorded: dict[str, Any] | None, clip: "ClipEncoder", *, what: str) -> None:
+    """Refuse ``clip`` when its network differs from the one ``what`` (a file) was made with.
+
+    ``recorded`` is the ``identity`` stored with the file (None: an older file that
+    did not record it, accepted). The spec and the activation must match; the
+    open_clip version is named in the message but may differ (Colab upgrades it).
+    """
+    from .errors import UserError
+
+    if not recorded:
+        return
+    mine = clip.identity
+    differs = [k for k in ("spec", "activation") if recorded.get(k) and recorded.get(k) != mine[k]]
+    if differs:
+        def show(d: dict[str, Any]) -> str:
+            return f"{d.get('spec')!r} with {d.get('activation')} (open_clip {d.get('open_clip')})"
+
+        raise UserError(
+            f"{what} was made with CLIP {show(recorded)}, but the CLIP loaded now is {show(mine)}: "
+            "they differ in " + " and ".join(differs) + ", so its features do not fit; use the same CLIP or extract again"
+        )
 
 
 def _token_counter(tokenizer) -> Callable[[str], int]:
@@ -254,6 +313,100 @@ def _load_openai_clip(name: str) -> ClipEncoder:
     return ClipEncoder(model, tokenizer, OPENAI_CLIP_PREFIX + name, image_size=_image_size(model), count_tokens=counter)
 
 
+SPECIAL_SPECS = ("demo", "tiny-random")
+
+
+def needs_quick_gelu(name: str, pretrained: str) -> bool:
+    """Whether open_clip model ``name`` with weights ``pretrained`` must be built with QuickGELU.
+
+    OpenAI's weights (tag ``openai``) and every tag whose pretrained config says
+    ``quick_gelu`` were trained with it. open_clip < 2.29 switched to it by itself
+    for ``openai``; later versions build ``nn.GELU`` and only warn, so it is forced here.
+    A local file takes the activation of the model name (``ViT-B-32-quickgelu``, say).
+    """
+    import open_clip
+
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        return False
+    if pretrained.lower() == "openai":
+        return True
+    return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
+
+
+def _check_model_name(name: str, spec: str) -> None:
+    """A clear error for a model name or pretrained tag open_clip does not know, with close names."""
+    import difflib
+
+    import open_clip
+
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known + list(SPECIAL_SPECS), n=4, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(
+            f"unknown CLIP {spec!r}: {hint}Use ViT-B-32 (OpenAI's weights), demo, tiny-random, MODEL/PRETRAINED "
+            "or a weights file; `python -c \"import open_clip; print(open_clip.list_models())\"` lists the models"
+        )
+    pretrained = spec.partition("/")[2] or "openai"
+    if not os.path.isfile(os.path.expanduser(pretrained)) and not open_clip.get_pretrained_cfg(name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UserError(
+            f"unknown pretrained weights {pretrained!r} for CLIP {name}: "
+            + (f"known: {', '.join(tags)}" if tags else "open_clip has no pretrained weights for it")
+            + " (or give a local weights file, MODEL//path/to/file.pt)"
+        )
+
+
+def _cached_weights(cfg: dict[str, Any]) -> bool:
+    """Whether open_clip's download for pretrained config ``cfg`` is already in the local cache."""
+    if cfg.get("file"):
+        return os.path.isfile(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            hub = ""
+        else:
+            repo, filename = os.path.split(hub)  # "org/model/" -> open_clip's default file names
+            names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+                return True
+    url = cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+
+
+def _online(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host``:443 answers within ``timeout`` seconds (False when HF_HUB_OFFLINE is set)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _require_weights_or_network(name: str, pretrained: str) -> None:
+    """Fail at once, saying what to do, when the weights are neither cached nor downloadable."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    if not cfg or _cached_weights(cfg):
+        return
+    hosts = (["huggingface.co"] if cfg.get("hf_hub") else []) + (
+        [cfg["url"].split("/")[2]] if cfg.get("url", "").startswith("http") else [])
+    if any(_online(host) for host in hosts):
+        return
+    raise UserError(
+        f"CLIP {name}/{pretrained} is not downloaded yet and {' / '.join(hosts) or 'its download'} cannot be "
+        "reached: run once with network (the weights are cached for later), or pass a local weights file "
+        "(--clip /path/to/ViT-B-32.pt, OpenAI's file)"
+    )
+
+
 def _is_weights_file(spec: str) -> bool:
     """A path to a weights file rather than an open_clip ``MODEL/PRETRAINED`` pair."""
     import open_clip
@@ -269,7 +422,9 @@ def load_clip(spec: str = "ViT-B-32", device: str | torch.device | None = None) 
     """Load a CLIP encoder by spec (see the module docstring) onto ``device`` (default: CUDA if present)."""
     import open_clip
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .devices import resolve_device
+
+    device = resolve_device(device)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("CLIP spec is empty: use 'ViT-B-32', 'demo', 'tiny-random', MODEL/PRETRAINED or a weights file")
     if spec.startswith(OPENAI_CLIP_PREFIX):
@@ -295,9 +450,14 @@ def load_clip(spec: str = "ViT-B-32", device: str | torch.device | None = None) 
         image_size = _image_size(model)
     else:
         name, _, pretrained = spec.partition("/")
+        pretrained = pretrained or "openai"
         if pretrained.startswith("/") and not os.path.isfile(pretrained):
             raise FileNotFoundError(f"CLIP weights file not found: {pretrained}")
-        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained or "openai")
+        _check_model_name(name, spec)
+        quick_gelu = needs_quick_gelu(name, pretrained)
+        if not os.path.isfile(pretrained):
+            _require_weights_or_network(name, pretrained)
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
         tokenizer = open_clip.get_tokenizer(name)
         image_size = _image_size(model)
         cfg = getattr(model.visual, "preprocess_cfg", None) or {}

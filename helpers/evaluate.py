@@ -202,6 +202,11 @@ def evaluate(
     groups = torch.tensor(sources)
 
     clip = sample.get_clip(model.clip_spec, device=device)
+    if hasattr(clip, "identity"):
+        from .clip_encoder import check_same_clip
+
+        check_same_clip(model.clip_identity, clip, what=f"the checkpoint {model.path}")
+        check_same_clip(data["meta"].get("clip_identity"), clip, what=f"the features file {features}")
     if isinstance(feature_extractor, nn.Module):
         extractor, note = feature_extractor.to(device), None
     else:

@@ -439,6 +439,7 @@ def _finish(src, encoder, area: _WorkArea, summary: ExtractSummary, *, k, seed, 
         attributes = dict(names=list(src.attribute_names), values=torch.tensor(state["attributes"], dtype=torch.bool))
     meta = dict(
         clip_spec=encoder.spec,
+        clip_identity=getattr(encoder, "identity", None),  # spec, activation, open_clip version
         clip_image_size=encoder.image_size,
         source=src.spec,
         source_kind=src.kind,
@@ -504,20 +505,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from .console import say
+
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # restored when the block ends
-        summary = extract_features(
-            args.source,
-            args.out,
-            clip=args.clip,
-            captions_per_image=args.captions_per_image,
-            split=args.split,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            data_dir=args.data_dir,
-            resume=not args.restart,
-            progress=not args.quiet,
-        )
-    print("\n".join(summary.lines()))
+        try:
+            summary = _extract_from_args(args)
+        except KeyboardInterrupt:
+            say(f"interrupted: the images done so far are kept in {partial_dir(args.out)}; run the same command "
+                "again to continue (--restart starts over)", err=True)
+            return 130
+    say("\n".join(summary.lines()))
     return 0
+
+
+def _extract_from_args(args: argparse.Namespace) -> ExtractSummary:
+    return extract_features(
+        args.source, args.out, clip=args.clip, captions_per_image=args.captions_per_image, split=args.split,
+        seed=args.seed, batch_size=args.batch_size, device=args.device, data_dir=args.data_dir,
+        resume=not args.restart, progress=not args.quiet,
+    )

@@ -53,7 +53,7 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float = 0.5) -
     """Symmetric InfoNCE between paired rows of ``image_emb`` and ``text_emb``.
 
     image_emb [B, D], text_emb [B, D] (any scale: both are L2-normalised here, in
-    fp32). Row i of each is a positive pair; the other rows of the batch are the
+    fp32, with autocast turned off). Row i of each is a positive pair; the other rows of the batch are the
     negatives. The loss is the mean of the cross-entropy in both directions
     (text -> images and image -> texts) on cosine similarities / temperature.
     Perfectly aligned pairs at a low temperature give about 0; unrelated
@@ -63,11 +63,13 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float = 0.5) -
         raise ValueError(f"image_emb and text_emb must both be [B, D], got {list(image_emb.shape)} and {list(text_emb.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    img = F.normalize(image_emb.float(), dim=1)
-    txt = F.normalize(text_emb.float(), dim=1)
-    logits = txt @ img.t() / temperature  # [B_text, B_image]
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    # autocast off: called inside the trainer's autocast, the matmul would otherwise run in bf16/fp16
+    with torch.autocast(image_emb.device.type, enabled=False):
+        img = F.normalize(image_emb.float(), dim=1)
+        txt = F.normalize(text_emb.float(), dim=1)
+        logits = txt @ img.t() / temperature  # [B_text, B_image]
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
 def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tensor, z_b: Tensor, *, eps: float = 1e-5) -> Tensor:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_checkpoint
 from .config import ModelConfig
+from .devices import default_device, resolve_device  # default_device: re-exported
 from .errors import UserError
 from .network import Generator, fold_batchnorm
 
@@ -50,6 +51,8 @@ class LoadedGenerator:
     # the same generator made lean for sampling (inference_copy: BatchNorm folded, channels_last):
     # what sampling runs; None: sample with ``generator``
     inference: Generator | None = field(default=None, repr=False, compare=False)
+    # the CLIP network it was trained with (ClipEncoder.identity); None in files that predate it
+    clip_identity: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def num_stages(self) -> int:
@@ -62,11 +65,6 @@ class LoadedGenerator:
     @property
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -103,9 +101,10 @@ def load_generator(checkpoint: str | os.PathLike | None = None, *, device: str |
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: its generator does not match its model_config: {err}") from err
     generator.eval().requires_grad_(False)
-    generator.to(torch.device(device) if device is not None else default_device())
+    generator.to(resolve_device(device))
     return LoadedGenerator(
-        generator, config, str(ckpt["clip_spec"]), int(ckpt.get("step", 0)), path, inference_copy(generator)
+        generator, config, str(ckpt["clip_spec"]), int(ckpt.get("step", 0)), path, inference_copy(generator),
+        ckpt.get("clip_identity"),
     )
 
 
@@ -116,11 +115,15 @@ def inference_copy(generator: Generator) -> Generator:
     return fold_batchnorm(generator).to(memory_format=torch.channels_last)
 
 
-def save_generator(path: str | os.PathLike, generator: Generator, *, clip_spec: str, step: int = 0) -> Path:
-    """Write a sampling-only export: format, model_config, clip_spec, step and G_ema (atomically)."""
+def save_generator(
+    path: str | os.PathLike, generator: Generator, *, clip_spec: str, step: int = 0,
+    clip_identity: dict[str, Any] | None = None,
+) -> Path:
+    """Write a sampling-only export: format, model_config, clip_spec (+ clip_identity), step and G_ema (atomically)."""
     state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
     return atomic_save(
-        dict(format=CHECKPOINT_FORMAT, model_config=generator.cfg.to_dict(), clip_spec=clip_spec, step=step, G_ema=state),
+        dict(format=CHECKPOINT_FORMAT, model_config=generator.cfg.to_dict(), clip_spec=clip_spec,
+             clip_identity=clip_identity, step=step, G_ema=state),
         path,
     )
 
@@ -136,7 +139,7 @@ def get_clip(spec: str, *, device: str | torch.device | None = None):
     """``load_clip(spec, device)``, loaded once per (spec, device) in this process."""
     from .clip_encoder import load_clip
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     key = (spec, str(device))
     if key not in _CLIPS:
         _CLIPS[key] = load_clip(spec, device=device)
@@ -266,6 +269,10 @@ def encode_prompts(model: LoadedGenerator, prompts: Sequence[str]) -> Tensor:
             f"{model.clip_spec!r} gives {clip.dim}-d ones: the checkpoint does not belong to this CLIP "
             "(sample with the checkpoint trained on features from it)"
         )
+    if hasattr(clip, "identity"):
+        from .clip_encoder import check_same_clip
+
+        check_same_clip(model.clip_identity, clip, what=f"the checkpoint {model.path}")
     return clip.encode_text(prompts).to(model.device, torch.float32)
 
 

@@ -51,17 +51,33 @@ from .checkpoint import (
     copy_atomic,
     load_checkpoint,
     prune_snapshots,
+    remove_stale_temps,
     snapshot_name,
 )
+from .devices import amp_dtype, precision_line, resolve_device
 from .config import ModelConfig, dataclass_from_dict, model_preset
+from .console import SafeStream, say
 from .errors import UserError
 from .network import Generator, build_models
+from .runlock import RunLock
 
 PREVIEW_CAPTIONS = Path(__file__).resolve().parents[1] / "assets" / "preview_captions.txt"
 
 
 class TrainingDiverged(UserError):
     """A loss became NaN or infinite; training stopped without saving the bad state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; ``str()`` says what was saved and how to continue.
+
+    ``checkpoint``: the run's latest.pt (None when the run saved none yet);
+    ``step``: the step that checkpoint holds.
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None, step: int) -> None:
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step
 
 
 # --------------------------------------------------------------------------- config
@@ -204,6 +220,53 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any] | list[str] | tu
     return TrainConfig.from_dict(train_values)
 
 
+# Fields a resumed run may change: its length, the learning rates, how often it logs and saves, where it
+# mirrors, how it loads data and its precision. Everything else (the model, the losses, the batch, the data
+# order, the seed) is what the checkpoint was trained with, and changing it would not be a resume.
+RESUMABLE = (
+    "steps", "epochs", "lr_g", "lr_d", "log_every", "preview_every", "checkpoint_every", "snapshot_every",
+    "keep_snapshots", "mirror_dir", "num_workers", "preview_captions", "amp", "channels_last",
+)
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_config(
+    saved: TrainConfig,
+    requested: TrainConfig | None = None,
+    overrides: dict[str, Any] | list[str] | tuple[str, ...] = (),
+) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's (``saved``), with what the user asked for.
+
+    ``requested`` (a preset the command named again) and ``overrides`` (``--set``,
+    ``--steps``, ...) are applied on top; a field that then differs from the
+    checkpoint is taken if it is in ``RESUMABLE``, and refused otherwise, with a
+    ``UserError`` listing each such field (checkpoint value, asked value).
+    ``model.text_dim`` follows the data and is never compared.
+    """
+    base = saved
+    if requested is not None:
+        base = dataclasses.replace(requested, model=dataclasses.replace(requested.model, text_dim=saved.model.text_dim))
+    asked = apply_overrides(base, overrides)
+    before, after = _flat(saved.to_dict()), _flat(asked.to_dict())
+    refused = [k for k in after if after[k] != before.get(k) and k not in RESUMABLE]
+    if refused:
+        listing = "; ".join(f"{k}: checkpoint {before.get(k)!r}, asked {after[k]!r}" for k in refused)
+        raise UserError(
+            f"--resume continues the checkpoint's run, and these settings differ from it: {listing}. "
+            f"A resume may change only {', '.join(RESUMABLE)}; start a new run (another --out) to change the rest"
+        )
+    return asked
+
+
 # --------------------------------------------------------------------------- small pure pieces
 
 
@@ -341,7 +404,8 @@ class Trainer:
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas, fused=fused)
         self.opt_D = [torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas, fused=fused) for d in self.D]
         self.use_amp = cfg.amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 only where the GPU has it natively (not a T4, where is_bf16_supported() counts emulation)
+        self.amp_dtype = amp_dtype(self.device) if self.use_amp else torch.float32
         # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16 else None
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
@@ -553,11 +617,22 @@ class Trainer:
             opt_G=self.opt_G.state_dict(),
             opt_D=[o.state_dict() for o in self.opt_D],
             scaler=None if self.scaler is None else self.scaler.state_dict(),
-            rng=dict(rng_state(), step_generator=self.generator.get_state()),
+            rng=dict(rng_state(), step_generator=self.generator.get_state(), step_generator_device=self.device.type),
         )
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output; every trained model goes back to train mode."""
+    @property
+    def precision(self) -> str:
+        """One line: which precision this trainer computes in (fp32, mixed bf16, or mixed fp16 + GradScaler)."""
+        return precision_line(self.device, self.amp_dtype if self.use_amp else None)
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> list[str]:
+        """Restore ``state_dict()`` output; every trained model goes back to train mode.
+
+        The learning rates and Adam betas are this trainer's config (a resume may change
+        them); the optimiser moments come from the checkpoint. Returns notes for the user
+        (e.g. that the step RNG was reseeded because the checkpoint came from another device type).
+        """
+        notes: list[str] = []
         if len(ckpt["D"]) != len(self.D):
             raise UserError(f"the checkpoint has {len(ckpt['D'])} discriminators, the model {len(self.D)}")
         self.G.load_state_dict(ckpt["G"])
@@ -569,16 +644,31 @@ class Trainer:
             opt.load_state_dict(state)
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
+        for opt, lr in [(self.opt_G, self.cfg.lr_g)] + [(o, self.cfg.lr_d) for o in self.opt_D]:
+            for group in opt.param_groups:  # the config's rates reach Adam (a resume may change them)
+                group["lr"], group["betas"] = lr, (self.cfg.beta1, self.cfg.beta2)
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
             set_rng_state(rng)
-        if "step_generator" in rng:
-            self.generator.set_state(rng["step_generator"].cpu())
         self.step = int(ckpt["step"])
+        if "step_generator" in rng:
+            saved_on = rng.get("step_generator_device")
+            try:
+                if saved_on not in (None, self.device.type):
+                    raise RuntimeError(saved_on)
+                self.generator.set_state(rng["step_generator"].cpu())
+            except RuntimeError:  # a CPU generator's state does not fit a CUDA one, and back
+                self.generator.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+                notes.append(
+                    f"the checkpoint was written on {saved_on or 'another device type'} and this run is on "
+                    f"{self.device.type}: the step's random draws (noise, augmentation) were reseeded from the "
+                    f"seed and step {self.step}, so they differ from an uninterrupted run from here on"
+                )
         # the reference left resumed models in eval mode (frozen BatchNorm); not here
         self.G.train()
         self.D.train().requires_grad_(True)
         self.G_ema.eval()
+        return notes
 
 
 # --------------------------------------------------------------------------- run directory helpers
@@ -697,6 +787,7 @@ class TrainResult:
     metrics: dict[str, Any]  # the last metrics row
     history: list[dict[str, Any]]  # every metrics row of the run (metrics.jsonl)
     previews: list[Path]  # preview grids written by this call
+    note: str = ""  # what the run has to say instead of training (e.g. nothing to do)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -743,18 +834,21 @@ def train(
     on_log(row): called with every metrics row; on_sample(step, grid [3, H, W] in
         [0, 1], path): called with every preview grid.
 
-    A NaN/inf loss raises TrainingDiverged without saving; Ctrl-C saves
-    latest.pt and re-raises KeyboardInterrupt. Started by torchrun with
+    On resume, ``config`` (a preset named again) and ``overrides`` may change only
+    the ``RESUMABLE`` fields (``resume_config``); a run already at its last step
+    returns at once with ``note`` saying so. One process trains in a folder at a
+    time (``RunLock``). A NaN/inf loss raises TrainingDiverged without saving;
+    Ctrl-C saves latest.pt at the end of the step and raises TrainingInterrupted
+    (a KeyboardInterrupt); a second Ctrl-C stops mid-step and keeps the last good
+    checkpoint instead. Started by torchrun with
     WORLD_SIZE > 1, every process calls this and they train data-parallel
     (``helpers.distributed``); only rank 0 writes files and calls the callbacks.
     """
-    from tqdm.auto import tqdm
-
-    from .clip_encoder import load_clip
+    from .clip_encoder import check_same_clip, load_clip
     from .features import FeaturesDataset
 
     run_dir = Path(out)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if device.type == "cpu":
         # Tiny (denormal) floats appear as G and D settle and make CPU arithmetic many
         # times slower: measured 1 s -> 15 s per demo step over 25 steps without this.
@@ -772,12 +866,13 @@ def train(
     elif latest.is_file():
         raise UserError(f"{run_dir} already holds a run ({latest}); resume it with --resume or choose another --out")
 
-    if config is None:
-        config = TrainConfig.from_dict(ckpt["train_config"]) if ckpt else train_preset("demo")
-    cfg = apply_overrides(config, overrides)
+    # Everything is checked before the run folder is made: a bad input leaves no half-made run behind.
+    if ckpt is not None:  # the checkpoint's config, with what may change on resume (resume_config)
+        cfg = resume_config(TrainConfig.from_dict(ckpt["train_config"]), config, overrides)
+    else:
+        cfg = apply_overrides(config if config is not None else train_preset("demo"), overrides)
     probe = FeaturesDataset(features, split="train", num_stages=cfg.model.num_stages)
     if ckpt is not None:
-        cfg = dataclasses.replace(cfg, model=ModelConfig.from_dict(ckpt["model_config"]))
         if ckpt.get("clip_spec") != probe.clip_spec:
             raise UserError(
                 f"the checkpoint was trained with CLIP {ckpt.get('clip_spec')!r}, the features file uses "
@@ -787,36 +882,72 @@ def train(
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_dim=probe.dim))
     if cfg.model.text_dim != probe.dim:
         raise UserError(f"the model takes {cfg.model.text_dim}-d text features, the features file has {probe.dim}-d")
-    dataset = probe if probe.num_stages == cfg.model.num_stages else FeaturesDataset(
-        features, split="train", num_stages=cfg.model.num_stages
-    )
+    dataset = probe
     if not probe.clip_spec:
         raise UserError(f"{features} does not name its CLIP model (meta['clip_spec']); extract it again")
     if clip is None:
         clip = load_clip(probe.clip_spec, device=device)
     if getattr(clip, "dim", probe.dim) != probe.dim:
         raise UserError(f"the CLIP model gives {clip.dim}-d features, the features file has {probe.dim}-d")
+    if hasattr(clip, "identity"):
+        check_same_clip(probe.meta.get("clip_identity"), clip, what=f"the features file {features}")
+        if ckpt is not None:
+            check_same_clip(ckpt.get("clip_identity"), clip, what=f"the checkpoint of {run_dir}")
 
     trainer = Trainer(cfg, clip=clip, device=device)
+    notes: list[str] = []
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
+        notes = trainer.load_state_dict(ckpt)
         del ckpt
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-    if dist is not None:
-        dist.prepare(trainer)  # rank 0's weights everywhere, gradient averaging, per-rank noise
-
     steps_per_epoch = len(dataset) // cfg.batch_size
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * max(steps_per_epoch, 1)
+    history_so_far = read_metrics(run_dir / "metrics.jsonl")
+    if resume and trainer.step >= total_steps:
+        return TrainResult(
+            run_dir=run_dir, step=trainer.step, epoch=max(trainer.step - 1, 0) // max(steps_per_epoch, 1),
+            checkpoint=latest if latest.is_file() else None,
+            metrics=history_so_far[-1] if history_so_far else {}, history=history_so_far, previews=[],
+            note=f"nothing to do: the run is already at step {trainer.step} of {total_steps}; "
+                 f"ask for more, e.g. --steps {max(2 * trainer.step, 1)}",
+        )
+    with contextlib.ExitStack() as stack:
+        if is_main:
+            stack.enter_context(RunLock(run_dir))  # one run per folder (a dead process's lock is gone with it)
+            cfg_mirror = Path(cfg.mirror_dir) if cfg.mirror_dir else None
+            folders = [run_dir, run_dir / "checkpoints", run_dir / "previews"]
+            if cfg_mirror is not None:
+                folders += [cfg_mirror, cfg_mirror / "checkpoints", cfg_mirror / "previews"]
+            remove_stale_temps(*folders)  # temp files of a write that a kill cut short
+        return _run_loop(trainer, cfg, dataset, run_dir, dist=dist, is_main=is_main, clip=clip, probe=probe,
+                         total_steps=total_steps, steps_per_epoch=steps_per_epoch, notes=notes, on_log=on_log,
+                         on_sample=on_sample, progress=progress)
+
+
+def _run_loop(
+    trainer: Trainer, cfg: TrainConfig, dataset: Any, run_dir: Path, *, dist: Any, is_main: bool, clip: Any,
+    probe: Any, total_steps: int, steps_per_epoch: int, notes: list[str],
+    on_log: Callable[[dict[str, Any]], None] | None, on_sample: Callable[[int, Tensor, Path], None] | None,
+    progress: bool,
+) -> TrainResult:
+    """The loop of ``train()`` once everything is checked and the run folder is locked."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if dist is not None:
+        dist.prepare(trainer)  # rank 0's weights everywhere, gradient averaging, per-rank noise
+    latest = run_dir / "checkpoints" / LATEST
     shard = dict(rank=dist.rank, world_size=dist.world_size) if dist is not None else {}
     sampler = RunBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=trainer.step, total_steps=total_steps,
                          **shard)
-    num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if device.type == "cuda" else 0)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if trainer.device.type == "cuda" else 0)
     loader = DataLoader(
         SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=trainer.device.type == "cuda", persistent_workers=False,
     )
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -824,12 +955,14 @@ def train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())  # drop rows past the checkpoint
+        for line in [trainer.precision, *notes]:
+            say(line if line.startswith("precision") else f"note: {line}", err=True)
     captions = load_preview_captions(cfg.preview_captions)
     preview_text = clip.encode_text(captions)
     preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     mirror = Path(cfg.mirror_dir) if cfg.mirror_dir else None
     previews: list[Path] = []
-    state = dict(saved_step=trainer.step if latest.is_file() else -1)
+    state = dict(saved_step=trainer.step if latest.is_file() else -1, in_step=False)
 
     def mirror_copy(path: Path) -> None:
         if mirror is not None:
@@ -845,6 +978,7 @@ def train(
             model_config=cfg.model.to_dict(),
             train_config=cfg.to_dict(),
             clip_spec=probe.clip_spec,
+            clip_identity=getattr(clip, "identity", None),
             **trainer.state_dict(),
         )
         path = atomic_save(checkpoint, ckpt_dir / LATEST)
@@ -872,13 +1006,17 @@ def train(
 
     sums: dict[str, float] = {}
     count, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress or not is_main)
+    # SafeStream: a closed terminal pipe (tee killed by the same Ctrl-C) must not stop the save below
+    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", file=SafeStream(sys.stderr),
+               disable=not progress or not is_main)
     try:
         with _deferred_interrupt() as interrupted:
             if trainer.step == 0 and total_steps > 0:
                 write_preview()  # the untrained starting point, for comparison
             for batch in loader:
+                state["in_step"] = True  # a second Ctrl-C in here leaves a half-done step: never saved
                 values = trainer.train_step(batch)
+                state["in_step"] = False
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -905,9 +1043,20 @@ def train(
                         mirror_copy(metrics_path)
                 if interrupted() if dist is None else dist.any(interrupted()):  # every rank stops at the same step
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if state["saved_step"] != trainer.step:
-            save(snapshot=False)
+    except BaseException as err:
+        half_done = state["in_step"] or isinstance(err, TrainingDiverged)
+        if not half_done and state["saved_step"] != trainer.step:
+            save(snapshot=False)  # a whole step: whatever stopped the loop, the work so far is kept
+        if isinstance(err, KeyboardInterrupt):
+            where = latest if latest.is_file() else None
+            kept = state["saved_step"] if where is not None else None
+            if half_done:
+                message = (f"interrupted in the middle of step {trainer.step + 1}: that step was not saved; "
+                           + (f"kept the last good checkpoint {where} (step {kept})" if where else "no checkpoint yet"))
+            else:
+                message = f"interrupted: saved {where} at step {kept}"
+            message += "; continue with --resume" if where else "; start again without --resume"
+            raise TrainingInterrupted(message, where, kept if kept is not None else 0) from err
         raise
     finally:
         bar.close()
@@ -966,27 +1115,29 @@ def run(args: argparse.Namespace) -> int:
         overrides["batch_size"] = args.batch_size
     if args.mirror is not None:
         overrides["mirror_dir"] = args.mirror
-    if args.resume and args.preset is not None:
-        raise UserError("--resume continues the checkpoint's own config; drop --preset (use --set to change fields)")
-    config = None if args.resume else train_preset(args.preset or "faces")
+    # on --resume a preset named again is compared with the checkpoint's config (resume_config)
+    config = train_preset(args.preset) if args.preset else (None if args.resume else train_preset("faces"))
     if distributed.world_size_from_env() > 1:
         distributed.show_log_messages()  # the effective batch and learning-rate line
 
     def on_log(row: dict[str, Any]) -> None:
         if args.no_progress:
-            print(f"step {row['step']}: d_loss {row['d_loss']:.4f} g_loss {row['g_loss']:.4f} "
-                  f"({row['images_per_s']:.1f} images/s)", flush=True)
+            say(f"step {row['step']}: d_loss {row['d_loss']:.4f} g_loss {row['g_loss']:.4f} "
+                f"({row['images_per_s']:.1f} images/s)")
 
     try:
         result = train(args.features, args.out, config, overrides=overrides, resume=args.resume,
                        device=args.device, on_log=on_log, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except TrainingInterrupted as stop:
         if distributed.is_main_process():
-            print(f"interrupted: saved {Path(args.out) / 'checkpoints' / LATEST}; continue with --resume")
+            say(str(stop))
         return 130
     finally:
         distributed.shutdown()  # torchrun workers: close the process group (no-op in one process)
     if not distributed.is_main_process():
         return 0
-    print(f"done: {result.step} steps; checkpoint {result.checkpoint}; previews in {result.run_dir / 'previews'}")
+    if result.note:
+        say(result.note)
+        return 0
+    say(f"done: {result.step} steps; checkpoint {result.checkpoint}; previews in {result.run_dir / 'previews'}")
     return 0

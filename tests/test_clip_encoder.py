@@ -100,3 +100,112 @@ def test_openai_clip_backend_is_optional(monkeypatch, tiny_clip):
     torch.testing.assert_close(enc.encode_text(["a smiling woman"]), tiny_clip.encode_text(["a smiling woman"]))
     with pytest.warns(LongPromptWarning):
         enc.encode_text(["word " * 100])
+
+
+# --------------------------------------------------------------------------- OpenAI's ViT-B/32, offline
+# A random model of the real architecture stands in for the download: open_clip's download
+# function returns its file, so everything after the download runs as on Colab.
+
+
+@pytest.fixture(scope="module")
+def openai_standin(tmp_path_factory):
+    import open_clip
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()  # random weights
+    with torch.no_grad():  # MLP inputs of order one, as in trained weights, where the activations differ
+        for name, p in reference.named_parameters():
+            if name.endswith(("mlp.c_fc.weight", "mlp.c_proj.weight")):
+                p.mul_(3.0)
+    path = tmp_path_factory.mktemp("openai") / "ViT-B-32.pt"
+    torch.save(reference.state_dict(), path)  # OpenAI's key names: the open_clip CLIP class shares them
+    return reference, path
+
+
+def _features(encoder):
+    texts = ["The woman has blond hair and wears eyeglasses.", "A smiling man with a mustache."]
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    return encoder.encode_text(texts), encoder.encode_images(images)
+
+
+def test_vit_b_32_is_built_with_quick_gelu_like_openai_trained_it(monkeypatch, openai_standin):
+    import sys
+    import types
+
+    import open_clip
+    import open_clip.factory
+
+    from helpers import clip_encoder
+    from helpers.clip_encoder import ClipEncoder, load_clip
+
+    reference, path = openai_standin
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: str(path))
+    monkeypatch.setattr(clip_encoder, "_require_weights_or_network", lambda name, pretrained: None)
+    loaded = load_clip("ViT-B-32", device="cpu")
+    assert loaded.activation == "quick_gelu"
+    assert loaded.identity["activation"] == "quick_gelu" and loaded.identity["open_clip"] == open_clip.__version__
+    expected = _features(ClipEncoder(reference, open_clip.get_tokenizer("ViT-B-32"), "reference", image_size=224))
+    for got, want in zip(_features(loaded), expected):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    # OpenAI's own file given as a path, and OpenAI's `clip` package as the backend, give the same features
+    local = load_clip(str(path), device="cpu")
+    assert local.activation == "quick_gelu"
+    for got, want in zip(_features(local), expected):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    fake = types.ModuleType("clip")  # OpenAI's package (not on PyPI): its load() returns OpenAI's network
+    fake.load = lambda name, device="cpu", jit=False: (open_clip.load_openai_model(str(path), device="cpu"), None)
+    fake.tokenize = lambda texts, truncate=False: open_clip.get_tokenizer("ViT-B-32")(texts)
+    monkeypatch.setitem(sys.modules, "clip", fake)
+    for got, want in zip(_features(load_clip("openai-clip:ViT-B/32", device="cpu")), expected):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_a_gelu_build_of_openai_weights_would_differ(openai_standin):
+    # The check above can fail: the same weights under nn.GELU give other features.
+    import open_clip
+
+    from helpers.clip_encoder import ClipEncoder
+
+    reference, path = openai_standin
+    gelu = open_clip.create_model("ViT-B-32", pretrained=None)
+    gelu.load_state_dict(reference.state_dict())
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    a = _features(ClipEncoder(gelu, tok, "gelu", image_size=224))
+    b = _features(ClipEncoder(reference, tok, "quick", image_size=224))
+    assert ClipEncoder(gelu, tok, "gelu", image_size=224).activation == "gelu"
+    assert (a[0] - b[0]).abs().max() > 1e-3 and (a[1] - b[1]).abs().max() > 1e-3  # 5x the tolerance above
+
+
+def test_unknown_clip_names_suggest_close_ones():
+    from helpers.clip_encoder import load_clip
+    from helpers.errors import UserError
+
+    with pytest.raises(UserError, match="did you mean ViT-B-32"):
+        load_clip("ViT-B-33", device="cpu")
+    with pytest.raises(UserError, match="unknown pretrained weights 'nope'.*openai"):
+        load_clip("ViT-B-32/nope", device="cpu")
+
+
+def test_vit_b_32_without_network_fails_at_once(monkeypatch):
+    import time
+
+    from helpers import clip_encoder
+    from helpers.errors import UserError
+
+    monkeypatch.setattr(clip_encoder, "_cached_weights", lambda cfg: False)
+    monkeypatch.setattr(clip_encoder, "_online", lambda host, timeout=3.0: False)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="run once with network.*local weights file"):
+        clip_encoder.load_clip("ViT-B-32", device="cpu")
+    assert time.perf_counter() - started < 5
+
+
+def test_a_different_clip_is_refused_naming_both(tiny_clip):
+    from helpers.clip_encoder import check_same_clip
+    from helpers.errors import UserError
+
+    check_same_clip(tiny_clip.identity, tiny_clip, what="x.pt")  # the same: accepted
+    check_same_clip(None, tiny_clip, what="x.pt")  # an older file that recorded nothing
+    other = dict(tiny_clip.identity, activation="quick_gelu", open_clip="2.24.0")
+    with pytest.raises(UserError, match=r"x.pt was made with CLIP 'tiny-random' with quick_gelu \(open_clip 2.24.0\).*with gelu"):
+        check_same_clip(other, tiny_clip, what="x.pt")

@@ -84,3 +84,14 @@ def test_mode_seeking_loss_on_known_images():
     assert (moving.grad < 0).all()
     with pytest.raises(ValueError, match="same length"):
         losses.mode_seeking_loss(a, b[:1], z_a, z_b)
+
+
+def test_info_nce_runs_in_fp32_inside_autocast():
+    # Called from the trainer inside autocast: the similarity matmul must still be fp32.
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(24, 64, generator=g), torch.randn(24, 64, generator=g)
+    expected = losses.info_nce(image, text, temperature=0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = losses.info_nce(image, text, temperature=0.07)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, expected)

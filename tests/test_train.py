@@ -86,7 +86,7 @@ def test_cli_trains_and_writes_checkpoint_metrics_and_previews(synthetic_feature
     # the sampling-only export rebuilds G_ema from the config alone
     export = export_generator(out / "checkpoints" / "latest.pt", tmp_path / "g.pt")
     small = load_checkpoint(export)
-    assert set(small) == {"format", "model_config", "clip_spec", "step", "G_ema"}
+    assert set(small) == {"format", "model_config", "clip_spec", "clip_identity", "step", "G_ema"}
     G = Generator(ModelConfig.from_dict(small["model_config"]))
     G.load_state_dict(small["G_ema"])
     images, _, _ = G.eval()(torch.randn(2, 32), torch.randn(2, 8))
@@ -163,7 +163,9 @@ def test_failed_checkpoint_write_keeps_the_previous_latest(synthetic_features, t
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", flaky_save)
-    with pytest.raises(OSError, match="disk full"):
+    from helpers.checkpoint import OutputError
+
+    with pytest.raises(OutputError, match=r"cannot write \S*run/checkpoints/latest.pt: disk full"):
         train(synthetic_features, tmp_path / "run", tiny_config(steps=4, snapshot_every=100), clip=tiny_clip,
               progress=False)
     monkeypatch.setattr(torch, "save", real_save)
