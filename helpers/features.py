@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .checkpoint import atomic_save, atomic_write
+from .errors import UserError
 
 FEATURES_FORMAT = "helpers-t2i-features/1"
 IMAGE_SIZE = 256  # every stored image is 256 x 256 RGB
@@ -102,12 +103,43 @@ def read_features(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"cannot read features file {path}: {err}") from err
+        raise UserError(
+            f"cannot read features file {path}: it is truncated or damaged ({type(err).__name__}: {err}); "
+            "copy it again or extract it again"
+        ) from err
     if not isinstance(data, dict) or data.get("format") != FEATURES_FORMAT:
         raise ValueError(f"{path} is not a features file of this project (expected format {FEATURES_FORMAT!r})")
-    if not images_path(path).is_file():
-        raise FileNotFoundError(f"image array {images_path(path)} is missing: it must sit beside {path.name}")
+    check_images_file(path, len(data["ids"]))
     return data
+
+
+def check_images_file(path: str | os.PathLike, n: int) -> None:
+    """Check that the image array beside features file ``path`` is whole: uint8 [n, 256, 256, 3].
+
+    Reads only the header and the file size, so it costs nothing on a large dataset.
+    """
+    array_path = images_path(path)
+    if not array_path.is_file():
+        raise FileNotFoundError(f"image array {array_path} is missing: it must sit beside {Path(path).name}")
+    expected = (n, IMAGE_SIZE, IMAGE_SIZE, 3)
+    try:
+        with open(array_path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)  # the header only
+            header_end = f.tell()
+        size = array_path.stat().st_size
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read image array {array_path}: it is truncated or damaged ({err}); "
+                        "copy it again or extract again") from err
+    if tuple(shape) != expected or dtype != np.uint8:
+        raise UserError(f"image array {array_path} holds {dtype} {tuple(shape)}, the features file expects uint8 "
+                        f"{expected}: they do not belong together; extract again")
+    if size < header_end + int(np.prod(expected)):
+        raise UserError(
+            f"image array {array_path} is truncated: {size:,} bytes of {header_end + int(np.prod(expected)):,} "
+            "(an interrupted copy?); copy it again or extract again"
+        )
 
 
 def downsample(image: Tensor, size: int) -> Tensor:
