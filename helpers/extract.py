@@ -373,15 +373,17 @@ def _run_batches(src, encoder, area: _WorkArea, split_of, *, k, batch_size, save
                 results = [f.result() for f in futures]
                 # Decode the next batch while CLIP encodes this one.
                 pending = submit(pool, starts[number + 1]) if number + 1 < len(starts) else None
-                good = []
+                good, skipped = [], []
                 for sample, index, result in zip(batch, range(start, start + len(batch)), results):
                     if isinstance(result, str):
-                        warnings.warn(f"skipped {sample.name}: {result}", SkippedImageWarning, stacklevel=4)
-                        state["skipped"].append((sample.name, result))
+                        skipped.append((sample.name, result))
                     else:
                         good.append((sample, index, *result))
                 if good:
                     _encode_batch(encoder, arrays, state, good, split_of, k=k)
+                for name, reason in skipped:  # after the batch: an interrupted batch is redone, not counted twice
+                    warnings.warn(f"skipped {name}: {reason}", SkippedImageWarning, stacklevel=4)
+                    state["skipped"].append((name, reason))
                 state["next_index"] = start + len(batch)
                 batches += 1
                 if batches % save_every == 0:
@@ -405,13 +407,15 @@ def _encode_batch(encoder, arrays, state, good, split_of, *, k) -> None:
     arrays["image_features"][kept : kept + n] = encoder.encode_images(batch).cpu().half().numpy()
     captions = [list(sample.captions[:k]) for sample, *_ in good]
     flat = [c for caps in captions for c in caps]
-    state["truncated"] += len(encoder.too_long(flat)) if flat else 0
+    truncated = len(encoder.too_long(flat)) if flat else 0
     text = _encode_captions(encoder, flat).half().numpy()
     row = 0
     for j, caps in enumerate(captions):
         if caps:
             arrays["text_features"][kept + j, : len(caps)] = text[row : row + len(caps)]
         row += len(caps)
+    # the state changes only here, after the slow part: an interrupt above leaves it as the last batch left it
+    state["truncated"] += truncated
     for sample, index, _, enlarged in good:
         state["ids"].append(sample.id)
         state["captions"].append(list(sample.captions[:k]))
