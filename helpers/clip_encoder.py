@@ -181,11 +181,11 @@ def activation_of(model: nn.Module) -> str:
 
 
 def _open_clip_version() -> str:
-    try:
-        import open_clip
+    from importlib import metadata
 
-        return str(getattr(open_clip, "__version__", "unknown"))
-    except ImportError:
+    try:
+        return metadata.version("open_clip_torch")  # open_clip < 2.26 has no __version__
+    except metadata.PackageNotFoundError:
         return "not installed"
 
 
