@@ -40,7 +40,7 @@ def _umask() -> int:
     return mask
 
 
-def _output_error(path: Path, err: OSError) -> OutputError:
+def output_error(path: Path, err: OSError) -> OutputError:
     """One line naming the user's ``path`` (never the temporary file) and what went wrong."""
     for parent in path.parents:
         if parent.exists():
@@ -77,7 +77,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise _output_error(path, err) from err
+        raise output_error(path, err) from err
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

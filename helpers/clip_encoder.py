@@ -322,15 +322,27 @@ def needs_quick_gelu(name: str, pretrained: str) -> bool:
     OpenAI's weights (tag ``openai``) and every tag whose pretrained config says
     ``quick_gelu`` were trained with it. open_clip < 2.29 switched to it by itself
     for ``openai``; later versions build ``nn.GELU`` and only warn, so it is forced here.
-    A local file takes the activation of the model name (``ViT-B-32-quickgelu``, say).
+    A local file takes the activation of the model name (``ViT-B-32-quickgelu``, say),
+    except OpenAI's own TorchScript file, which always runs with QuickGELU.
     """
     import open_clip
 
     if os.path.isfile(os.path.expanduser(pretrained)):
-        return False
+        return _is_torchscript(Path(pretrained).expanduser())  # OpenAI's own ViT-B-32.pt is TorchScript
     if pretrained.lower() == "openai":
         return True
     return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's released CLIP files are), told from its zip listing without loading it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _check_model_name(name: str, spec: str) -> None:

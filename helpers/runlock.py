@@ -38,8 +38,13 @@ class RunLock:
             import fcntl
         except ImportError:  # Windows: no flock
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            file = open(self.path, "a+", encoding="utf-8")
+        except OSError as err:
+            from .checkpoint import output_error
+
+            raise output_error(self.path, err) from err
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -54,9 +54,9 @@ from .checkpoint import (
     remove_stale_temps,
     snapshot_name,
 )
-from .devices import amp_dtype, precision_line, resolve_device
 from .config import ModelConfig, dataclass_from_dict, model_preset
 from .console import SafeStream, say
+from .devices import amp_dtype, precision_line, resolve_device
 from .errors import UserError
 from .network import Generator, build_models
 from .runlock import RunLock
@@ -1007,8 +1007,10 @@ def _run_loop(
     sums: dict[str, float] = {}
     count, t0 = 0, time.perf_counter()
     # SafeStream: a closed terminal pipe (tee killed by the same Ctrl-C) must not stop the save below
-    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", file=SafeStream(sys.stderr),
-               disable=not progress or not is_main)
+    # (a notebook's bar is a widget and keeps its own output)
+    stream = {} if _is_notebook_bar(tqdm) else dict(file=SafeStream(sys.stderr))
+    bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress or not is_main,
+               **stream)
     try:
         with _deferred_interrupt() as interrupted:
             if trainer.step == 0 and total_steps > 0:
@@ -1076,6 +1078,14 @@ def _run_loop(
         history=history,
         previews=previews,
     )
+
+
+def _is_notebook_bar(bar_class: type) -> bool:
+    try:
+        from tqdm.notebook import tqdm as notebook_tqdm
+    except ImportError:
+        return False
+    return issubclass(bar_class, notebook_tqdm)
 
 
 def _override_dict(overrides: dict[str, Any] | list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -214,3 +214,13 @@ def test_a_different_clip_is_refused_naming_both(tiny_clip):
     other = dict(tiny_clip.identity, activation="quick_gelu", open_clip="2.24.0")
     with pytest.raises(UserError, match=r"x.pt was made with CLIP 'tiny-random' with quick_gelu \(open_clip 2.24.0\).*with gelu"):
         check_same_clip(other, tiny_clip, what="x.pt")
+
+
+def test_openais_torchscript_file_is_told_apart_from_a_state_dict(tmp_path):
+    from helpers.clip_encoder import needs_quick_gelu
+
+    scripted, plain = tmp_path / "ViT-B-32.pt", tmp_path / "state.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
+    assert needs_quick_gelu("ViT-B-32", str(scripted))  # as MODEL//path: OpenAI's file runs with QuickGELU
+    assert not needs_quick_gelu("ViT-B-32", str(plain))  # other files: the model name decides

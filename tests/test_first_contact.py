@@ -69,37 +69,50 @@ def test_second_ctrl_c_mid_step_keeps_the_last_good_checkpoint(synthetic_feature
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 2
 
 
-class _ClosedPipe:
-    """A stream whose reader has gone (tee killed by the same Ctrl-C)."""
+class _PipeToTee:
+    """stderr piped into tee: it works until tee dies (the same Ctrl-C reaches it), then every write fails."""
+
+    def __init__(self):
+        self.broken, self.text = False, []
 
     def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.text.append(text)
+        return len(text)
 
     def flush(self):
-        raise BrokenPipeError(32, "Broken pipe")
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
 
     def isatty(self):
         return False
 
-    def fileno(self):
-        raise OSError("no fileno")
-
 
 def test_a_closed_pipe_does_not_cost_the_save(synthetic_features, tmp_path, tiny_clip, monkeypatch):
+    import time
+
     outer = _sigint_handler()
+    pipe = _PipeToTee()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    real_step = Trainer.train_step
 
-    def on_log(row):
-        if row["step"] == 3:
-            monkeypatch.setattr(sys, "stderr", _ClosedPipe())
-            monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    def step_during_which_tee_dies(self, batch):
+        if self.step == 2:  # during step 3: Ctrl-C, tee exits, and the bar's next write meets a closed pipe
+            pipe.broken = True
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.25)  # past tqdm's mininterval: the bar writes at the end of this step
+        return real_step(self, batch)
 
+    monkeypatch.setattr(Trainer, "train_step", step_during_which_tee_dies)
     try:
         with pytest.raises(TrainingInterrupted, match="saved .*latest.pt at step 3"):
             train(synthetic_features, tmp_path / "run", tiny_config(steps=8, checkpoint_every=100, snapshot_every=100),
-                  clip=tiny_clip, on_log=on_log, progress=True)
+                  clip=tiny_clip, progress=True)
     finally:
         signal.signal(signal.SIGINT, outer)
+    assert any("train" in t for t in pipe.text)  # the bar was writing to the pipe before it closed
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 3
 
 
@@ -242,7 +255,7 @@ def test_a_file_where_a_folder_should_be_is_one_line(synthetic_features, tmp_pat
     code = _cli_train(synthetic_features, tmp_path / "blocked" / "run")
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert str(tmp_path / "blocked") in err and ".tmp" not in err
+    assert f"{tmp_path / 'blocked'} is a file, not a folder" in err and ".tmp" not in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root writes anywhere")
