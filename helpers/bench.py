@@ -116,11 +116,14 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def matmul_rate(device: torch.device, *, size: int, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
-    """The machine's reference rate: a [size, size] @ [size, size] matmul, fp32 on a CPU, bf16 on a GPU.
+    """The machine's reference rate: a [size, size] @ [size, size] matmul, fp32 on a CPU; on a GPU the
+    dtype training's mixed precision uses there (bf16 where native, fp16 on a T4: ``devices.amp_dtype``).
 
     Returns dict(dtype, size, median_s, gflop_per_s).
     """
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from .devices import amp_dtype
+
+    dtype = amp_dtype(device) if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device, dtype)
     b = torch.randn(size, size, generator=g).to(device, dtype)

@@ -35,7 +35,15 @@ class OutputError(UserError):
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and put back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
 
@@ -69,7 +77,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a program's files follow the umask
+            try:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a program's files follow the umask
+            except OSError:
+                pass  # file systems without permissions (vfat, some network mounts): their own modes
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -394,6 +394,8 @@ def _online(host: str, timeout: float = 3.0) -> bool:
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connection says nothing: let the download try
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -466,6 +468,11 @@ def load_clip(spec: str = "ViT-B-32", device: str | torch.device | None = None) 
         if pretrained.startswith("/") and not os.path.isfile(pretrained):
             raise FileNotFoundError(f"CLIP weights file not found: {pretrained}")
         _check_model_name(name, spec)
+        if os.path.isfile(pretrained) and _is_torchscript(Path(pretrained)):
+            # OpenAI's released file (TorchScript): open_clip's weights-only loader refuses it, and
+            # load_openai_model builds its network as trained, QuickGELU included
+            model = _load_weights_file(Path(pretrained))
+            return ClipEncoder(model, tokenizer, spec, image_size=_image_size(model)).to(device)
         quick_gelu = needs_quick_gelu(name, pretrained)
         if not os.path.isfile(pretrained):
             _require_weights_or_network(name, pretrained)

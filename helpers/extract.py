@@ -381,10 +381,11 @@ def _run_batches(src, encoder, area: _WorkArea, split_of, *, k, batch_size, save
                         good.append((sample, index, *result))
                 if good:
                     _encode_batch(encoder, arrays, state, good, split_of, k=k)
-                for name, reason in skipped:  # after the batch: an interrupted batch is redone, not counted twice
-                    warnings.warn(f"skipped {name}: {reason}", SkippedImageWarning, stacklevel=4)
-                    state["skipped"].append((name, reason))
+                # the batch's state in one go after its encoding: an interrupted batch is redone, never counted twice
+                state["skipped"].extend(skipped)
                 state["next_index"] = start + len(batch)
+                for name, reason in skipped:
+                    warnings.warn(f"skipped {name}: {reason}", SkippedImageWarning, stacklevel=4)
                 batches += 1
                 if batches % save_every == 0:
                     area.save()

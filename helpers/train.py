@@ -246,18 +246,26 @@ def resume_config(
 ) -> TrainConfig:
     """The config of a resumed run: the checkpoint's (``saved``), with what the user asked for.
 
-    ``requested`` (a preset the command named again) and ``overrides`` (``--set``,
-    ``--steps``, ...) are applied on top; a field that then differs from the
-    checkpoint is taken if it is in ``RESUMABLE``, and refused otherwise, with a
-    ``UserError`` listing each such field (checkpoint value, asked value).
+    ``overrides`` (``--set``, ``--steps``, ``--mirror``, ...) are applied on top: a
+    field that then differs from the checkpoint is taken if it is in ``RESUMABLE``,
+    and refused otherwise, with a ``UserError`` listing each such field (checkpoint
+    value, asked value). ``requested`` (a preset the command named again) is only
+    compared: its fields outside ``RESUMABLE`` must equal the checkpoint's, and
+    its others never replace the checkpoint's values unasked.
     ``model.text_dim`` follows the data and is never compared.
     """
-    base = saved
-    if requested is not None:
-        base = dataclasses.replace(requested, model=dataclasses.replace(requested.model, text_dim=saved.model.text_dim))
-    asked = apply_overrides(base, overrides)
-    before, after = _flat(saved.to_dict()), _flat(asked.to_dict())
-    refused = [k for k in after if after[k] != before.get(k) and k not in RESUMABLE]
+    before = _flat(saved.to_dict())
+    refused: list[str] = []
+    named: dict[str, Any] = {}
+    if requested is not None:  # a preset named again: what may not change must equal the checkpoint's
+        named = _flat(apply_overrides(dataclasses.replace(
+            requested, model=dataclasses.replace(requested.model, text_dim=saved.model.text_dim)), overrides).to_dict())
+        refused = [k for k in named if named[k] != before.get(k) and k not in RESUMABLE]
+    # the checkpoint's values stay unless an option (--steps, --set, --mirror, ...) asks otherwise
+    asked = apply_overrides(saved, overrides)
+    after = _flat(asked.to_dict())
+    refused += [k for k in after if after[k] != before.get(k) and k not in RESUMABLE and k not in refused]
+    after = {**named, **{k: v for k, v in after.items() if v != before.get(k)}} if refused else after
     if refused:
         listing = "; ".join(f"{k}: checkpoint {before.get(k)!r}, asked {after[k]!r}" for k in refused)
         raise UserError(
@@ -917,11 +925,8 @@ def train(
     with contextlib.ExitStack() as stack:
         if is_main:
             stack.enter_context(RunLock(run_dir))  # one run per folder (a dead process's lock is gone with it)
-            cfg_mirror = Path(cfg.mirror_dir) if cfg.mirror_dir else None
             folders = [run_dir, run_dir / "checkpoints", run_dir / "previews"]
-            if cfg_mirror is not None:
-                folders += [cfg_mirror, cfg_mirror / "checkpoints", cfg_mirror / "previews"]
-            remove_stale_temps(*folders)  # temp files of a write that a kill cut short
+            remove_stale_temps(*folders)  # (not the mirror's: no lock covers it)  # temp files of a write that a kill cut short
         return _run_loop(trainer, cfg, dataset, run_dir, dist=dist, is_main=is_main, clip=clip, probe=probe,
                          total_steps=total_steps, steps_per_epoch=steps_per_epoch, notes=notes, on_log=on_log,
                          on_sample=on_sample, progress=progress)
@@ -962,7 +967,8 @@ def _run_loop(
     preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     mirror = Path(cfg.mirror_dir) if cfg.mirror_dir else None
     previews: list[Path] = []
-    state = dict(saved_step=trainer.step if latest.is_file() else -1, in_step=False)
+    # nothing to save before the first step of this call: an error then leaves no step-0 checkpoint behind
+    state = dict(saved_step=trainer.step, in_step=False)
 
     def mirror_copy(path: Path) -> None:
         if mirror is not None:

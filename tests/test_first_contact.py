@@ -323,3 +323,25 @@ def test_readme_says_how_to_install_the_cpu_build_of_pytorch():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+def test_an_error_before_the_first_step_leaves_no_checkpoint(synthetic_features, tmp_path, tiny_clip, monkeypatch):
+    from helpers import train as train_module
+
+    def broken_preview(images):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(train_module, "preview_grid", broken_preview)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(synthetic_features, tmp_path / "run", tiny_config(steps=2), clip=tiny_clip, progress=False)
+    assert not (tmp_path / "run" / "checkpoints" / "latest.pt").exists()  # a fresh start stays possible
+
+
+def test_a_preset_named_again_on_resume_keeps_the_checkpoints_mirror(synthetic_features, tmp_path, tiny_clip):
+    from helpers.train import resume_config
+
+    saved = tiny_config(steps=2, mirror_dir=str(tmp_path / "drive"), lr_g=1e-4)
+    again = resume_config(saved, tiny_config(steps=2), ["steps=3"])
+    assert again.mirror_dir == str(tmp_path / "drive") and again.lr_g == 1e-4 and again.steps == 3
+    with pytest.raises(UserError, match=r"batch_size: checkpoint 4, asked 8"):
+        resume_config(saved, tiny_config(batch_size=8))
