@@ -49,23 +49,34 @@ def _sigint_handler():
     return signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def test_second_ctrl_c_mid_step_keeps_the_last_good_checkpoint(synthetic_features, tmp_path, tiny_clip, monkeypatch):
+def _train_with_an_event_in_a_step(monkeypatch, features, run, clip, *, before_step, event, match, **config):
+    """Train with ``event()`` run at the start of step ``before_step + 1`` (Python's Ctrl-C handler on);
+    the run must stop with a TrainingInterrupted whose message matches ``match``."""
     outer = _sigint_handler()
     real_step = Trainer.train_step
 
-    def step_interrupted_twice(self, batch):
-        if self.step == 3:  # two Ctrl-C in the middle of step 4: D updated, G not
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
+    def step(self, batch):
+        if self.step == before_step:
+            event()
         return real_step(self, batch)
 
-    monkeypatch.setattr(Trainer, "train_step", step_interrupted_twice)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    progress = config.pop("progress", False)
     try:
-        with pytest.raises(TrainingInterrupted, match="middle of step 4.*last good checkpoint.*step 2"):
-            train(synthetic_features, tmp_path / "run", tiny_config(steps=8, checkpoint_every=2, snapshot_every=100),
-                  clip=tiny_clip, progress=False)
+        with pytest.raises(TrainingInterrupted, match=match):
+            train(features, run, tiny_config(steps=8, snapshot_every=100, **config), clip=clip, progress=progress)
     finally:
         signal.signal(signal.SIGINT, outer)
+
+
+def test_second_ctrl_c_mid_step_keeps_the_last_good_checkpoint(synthetic_features, tmp_path, tiny_clip, monkeypatch):
+    def twice():  # two Ctrl-C in the middle of step 4: D updated, G not
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    _train_with_an_event_in_a_step(monkeypatch, synthetic_features, tmp_path / "run", tiny_clip, before_step=3,
+                                   event=twice, match="middle of step 4.*last good checkpoint.*step 2",
+                                   checkpoint_every=2)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 2
 
 
@@ -92,26 +103,18 @@ class _PipeToTee:
 def test_a_closed_pipe_does_not_cost_the_save(synthetic_features, tmp_path, tiny_clip, monkeypatch):
     import time
 
-    outer = _sigint_handler()
     pipe = _PipeToTee()
     monkeypatch.setattr(sys, "stderr", pipe)
     monkeypatch.setattr(sys, "stdout", pipe)
-    real_step = Trainer.train_step
 
-    def step_during_which_tee_dies(self, batch):
-        if self.step == 2:  # during step 3: Ctrl-C, tee exits, and the bar's next write meets a closed pipe
-            pipe.broken = True
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.25)  # past tqdm's mininterval: the bar writes at the end of this step
-        return real_step(self, batch)
+    def tee_dies():  # during step 3: Ctrl-C, tee exits, and the bar's next write meets a closed pipe
+        pipe.broken = True
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.25)  # past tqdm's mininterval: the bar writes at the end of this step
 
-    monkeypatch.setattr(Trainer, "train_step", step_during_which_tee_dies)
-    try:
-        with pytest.raises(TrainingInterrupted, match="saved .*latest.pt at step 3"):
-            train(synthetic_features, tmp_path / "run", tiny_config(steps=8, checkpoint_every=100, snapshot_every=100),
-                  clip=tiny_clip, progress=True)
-    finally:
-        signal.signal(signal.SIGINT, outer)
+    _train_with_an_event_in_a_step(monkeypatch, synthetic_features, tmp_path / "run", tiny_clip, before_step=2,
+                                   event=tee_dies, match="saved .*latest.pt at step 3", checkpoint_every=100,
+                                   progress=True)
     assert any("train" in t for t in pipe.text)  # the bar was writing to the pipe before it closed
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 3
 
