@@ -193,14 +193,20 @@ def check_same_clip(recorded: dict[str, Any] | None, clip: "ClipEncoder", *, wha
     """Refuse ``clip`` when its network differs from the one ``what`` (a file) was made with.
 
     ``recorded`` is the ``identity`` stored with the file (None: an older file that
-    did not record it, accepted). The spec and the activation must match; the
+    did not record it, accepted; with a QuickGELU CLIP, with a warning). The spec and the activation must match; the
     open_clip version is named in the message but may differ (Colab upgrades it).
     """
     from .errors import UserError
 
-    if not recorded:
-        return
     mine = clip.identity
+    if not recorded:
+        if mine["activation"] == "quick_gelu":
+            warnings.warn(
+                f"{what} does not record which activation its CLIP ran with; one made with open_clip 2.29 or "
+                "later before this check may have run OpenAI's weights with GELU: if results look wrong, extract again",
+                stacklevel=2,
+            )
+        return
     differs = [k for k in ("spec", "activation") if recorded.get(k) and recorded.get(k) != mine[k]]
     if differs:
         def show(d: dict[str, Any]) -> str:

@@ -210,7 +210,7 @@ def test_a_different_clip_is_refused_naming_both(tiny_clip):
     from helpers.errors import UserError
 
     check_same_clip(tiny_clip.identity, tiny_clip, what="x.pt")  # the same: accepted
-    check_same_clip(None, tiny_clip, what="x.pt")  # an older file that recorded nothing
+    check_same_clip(None, tiny_clip, what="x.pt")  # an older file that recorded nothing (a GELU CLIP: silent)
     other = dict(tiny_clip.identity, activation="quick_gelu", open_clip="2.24.0")
     with pytest.raises(UserError, match=r"x.pt was made with CLIP 'tiny-random' with quick_gelu \(open_clip 2.24.0\).*with gelu"):
         check_same_clip(other, tiny_clip, what="x.pt")
@@ -224,3 +224,11 @@ def test_openais_torchscript_file_is_told_apart_from_a_state_dict(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
     assert needs_quick_gelu("ViT-B-32", str(scripted))  # as MODEL//path: OpenAI's file runs with QuickGELU
     assert not needs_quick_gelu("ViT-B-32", str(plain))  # other files: the model name decides
+
+
+def test_an_older_file_with_openai_weights_gets_a_warning(tiny_clip, monkeypatch):
+    from helpers.clip_encoder import check_same_clip
+
+    monkeypatch.setattr(tiny_clip, "activation", "quick_gelu")
+    with pytest.warns(UserWarning, match="does not record which activation"):
+        check_same_clip(None, tiny_clip, what="old.pt")
