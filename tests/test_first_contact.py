@@ -238,19 +238,14 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(synt
 # --------------------------------------------------------------------------- files and errors
 
 
-def test_outputs_honour_the_umask(tmp_path):
-    old = os.umask(0o027)
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o022, 0o644), (0o077, 0o600)])
+def test_outputs_honour_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
     try:
         path = atomic_write_bytes(tmp_path / "a.bin", b"x")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640
-    old = os.umask(0o022)
-    try:
-        path = atomic_write_bytes(tmp_path / "b.bin", b"x")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_a_file_where_a_folder_should_be_is_one_line(synthetic_features, tmp_path, capsys):
