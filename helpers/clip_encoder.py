@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .devices import resolve_device
 from .errors import UserError
 
 CONTEXT_LENGTH = 77  # CLIP's text window in tokens, start and end tokens included
@@ -196,8 +197,6 @@ def check_same_clip(recorded: dict[str, Any] | None, clip: "ClipEncoder", *, wha
     did not record it, accepted; with a QuickGELU CLIP, with a warning). The spec and the activation must match; the
     open_clip version is named in the message but may differ (Colab upgrades it).
     """
-    from .errors import UserError
-
     mine = clip.identity
     if not recorded:
         if mine["activation"] == "quick_gelu":
@@ -441,8 +440,6 @@ def _is_weights_file(spec: str) -> bool:
 def load_clip(spec: str = "ViT-B-32", device: str | torch.device | None = None) -> ClipEncoder:
     """Load a CLIP encoder by spec (see the module docstring) onto ``device`` (default: CUDA if present)."""
     import open_clip
-
-    from .devices import resolve_device
 
     device = resolve_device(device)
     if not isinstance(spec, str) or not spec.strip():

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -939,8 +940,6 @@ def _run_loop(
     progress: bool,
 ) -> TrainResult:
     """The loop of ``train()`` once everything is checked and the run folder is locked."""
-    import sys
-
     from tqdm.auto import tqdm
 
     if dist is not None:
