@@ -1,4 +1,4 @@
-"""Pictures of generated images: grids, stage panels, interpolation strips, PNG files.
+"""Pictures of generated images: grids, stage panels, previews, interpolation strips, PNG files.
 
 Every function takes the generator's output, image tensors [B, 3, H, W] in
 [-1, 1], and returns PIL images (or uint8 arrays); nothing here runs a model.
@@ -6,7 +6,8 @@ Layouts put a white ``padding`` between tiles and, when labels are given, a
 band of text above each row (the prompt) and above each column (a seed, a
 stage size, an interpolation weight). Without labels a grid of R rows and C
 columns of S px tiles is ``C*S + (C+1)*padding`` wide and ``R*S + (R+1)*padding``
-high, like torchvision's ``make_grid``.
+high, like torchvision's ``make_grid``. The training preview (``preview_picture``)
+labels its rows (stages) on the left and writes each caption beneath its column.
 """
 
 from __future__ import annotations
@@ -281,3 +282,50 @@ def interpolation_strip(
         col_labels=[f"{w:.2f}" for w in weights] if labelled else None,
         row_labels=[f"{s.shape[-1]} px" for s in stages] if labelled and len(stages) > 1 else None,
     )
+
+
+def preview_picture(
+    images: Sequence[Tensor],
+    captions: Sequence[str],
+    *,
+    size: int | None = None,
+    row_labels: Sequence[str] | None = None,
+    caption_lines: int = 5,
+    padding: int = PADDING,
+) -> Image.Image:
+    """A training preview that explains itself: one row per stage, one column per caption.
+
+    images: per stage [N, 3, h, h] in [-1, 1] (stage i is 64 * 2**i px), N = len(captions).
+    Every tile is shown at ``size`` px (default: the largest stage, so smaller stages are
+    enlarged pixel for pixel). Each row is labelled on the left with its stage's size
+    ("64 px") or with ``row_labels``; each caption is wrapped beneath its column (at most
+    ``caption_lines`` lines). The tiles sit as in the bare ``tile_grid`` of the same images,
+    shifted right by the label column.
+    """
+    if not images:
+        raise ValueError("no stages to show")
+    n = len(captions)
+    if n == 0 or any(s.shape[0] != n for s in images):
+        raise ValueError(f"{[s.shape[0] for s in images]} images per stage for {n} captions")
+    labels = list(row_labels) if row_labels is not None else [f"{s.shape[-1]} px" for s in images]
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} row labels for {len(images)} stages")
+    size = size or max(s.shape[-1] for s in images)
+    grid = tile_grid([tile for s in images for tile in to_pil_list(s)], cols=n, size=size, padding=padding)
+    line_h = _line_height()
+    label_w = int(max(_text_width(label) for label in labels)) + 2 * padding
+    # a little narrower than the tile, so neighbouring captions never touch
+    wrapped = [wrap_text(c, max(size - 3 * padding, 1), max_lines=caption_lines) for c in captions]
+    band = max(len(lines) for lines in wrapped) * line_h + 2 * padding
+
+    canvas = Image.new("RGB", (label_w + grid.width, grid.height + band), BACKGROUND)
+    canvas.paste(grid, (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(labels):  # vertically centred on its row
+        y = padding + r * (size + padding) + (size - line_h) / 2
+        draw.text((padding, y), label, fill=INK, font=_font())
+    for c, lines in enumerate(wrapped):  # beneath its column, left-aligned with the tile
+        x = label_w + padding + c * (size + padding)
+        for k, line in enumerate(lines):
+            draw.text((x, grid.height + padding + k * line_h), line, fill=INK, font=_font())
+    return canvas

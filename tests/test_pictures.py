@@ -1,4 +1,4 @@
-"""Pictures: tensor/PIL conversions, grids, stage panels, interpolation strips, PNG files."""
+"""Pictures: tensor/PIL conversions, grids, stage panels, previews, interpolation strips, PNG files."""
 
 import numpy as np
 import pytest
@@ -10,9 +10,11 @@ from helpers.pictures import (
     image_grid,
     interpolation_strip,
     png_bytes,
+    preview_picture,
     prompt_grid,
     save_png,
     stage_panel,
+    tile_grid,
     to_pil,
     to_pil_list,
     to_uint8,
@@ -100,3 +102,43 @@ def test_wrap_text_fits_the_width():
     assert len(lines) == 2 and lines[-1].endswith("...")
     assert all(_text_width(line) <= 120 for line in lines)
     assert wrap_text("x" * 200, 50)[0].endswith("...")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("num_stages", [1, 3])
+def test_preview_picture_labels_stages_and_captions(batch, num_stages):
+    stages = [images(batch, 16 * 2**i, seed=i) for i in range(num_stages)]  # stage i: 16 * 2**i px
+    captions = ["The woman is young and has blond hair, and arched eyebrows."] * batch
+    size = stages[-1].shape[-1]
+    bare = tile_grid([t for s in stages for t in to_pil_list(s)], cols=batch, size=size)  # the same tiles, no labels
+    assert bare.size == (batch * size + (batch + 1) * PADDING, num_stages * size + (num_stages + 1) * PADDING)
+    picture = preview_picture(stages, captions)
+    assert picture.mode == "RGB"
+    assert picture.width > bare.width and picture.height > bare.height  # a label column and a caption band
+    # the tiles sit as in the bare grid, shifted right by the label column
+    shift = picture.width - bare.width
+    assert np.array_equal(np.asarray(picture)[: bare.height, shift:], np.asarray(bare))
+    # the label column has ink on every row: "16 px", "32 px", ...
+    labels = np.asarray(picture)[: bare.height, :shift]
+    for r in range(num_stages):
+        assert (labels[PADDING + r * (size + PADDING) :][:size] < 128).any()
+    # so has the caption band beneath every column
+    band = np.asarray(picture)[bare.height :, shift:]
+    for c in range(batch):
+        assert (band[:, PADDING + c * (size + PADDING) :][:, :size] < 128).any()
+
+
+def test_preview_picture_size_and_bad_inputs():
+    stages = [images(2, 64), images(2, 128)]
+    small = preview_picture(stages, ["a", "b"], size=32)
+    assert small.height > 2 * 32 + 3 * PADDING and small.width > 2 * 32 + 3 * PADDING
+    named = preview_picture(stages, ["a", "b"], size=32, row_labels=["a much longer label", "x"])
+    assert named.width > small.width and named.height == small.height
+    long = preview_picture(stages, ["a", "a caption long enough to wrap over several lines of a narrow tile"], size=32)
+    assert long.height > small.height and long.width == small.width
+    with pytest.raises(ValueError, match="for 3 captions"):
+        preview_picture(stages, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 row labels for 1 stages"):
+        preview_picture(stages[:1], ["a", "b"], row_labels=["x", "y"])
+    with pytest.raises(ValueError, match="no stages"):
+        preview_picture([], ["a"])
