@@ -23,10 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("helpers.extract", "turn a captioned image source into a features file (CLIP features + 256 px images)"),
     "train": ("helpers.train", "train G and the discriminators on a features file (checkpoints, previews, metrics)"),
     "evaluate": ("helpers.evaluate", "score a checkpoint on a features file's test split: FID/KID, CLIP score, R-precision"),
-    "build-demo": ("helpers.demo", "rebuild the embedded demo (toy faces, demo CLIP, demo generator) into assets/"),
+    "build-demo": ("helpers.tools.build_demo", "rebuild the embedded demo (toy faces, demo CLIP, demo generator) into assets/"),
     "toyfaces": ("helpers.toyfaces", "draw a captioned toy-face image folder (images, captions, attributes.csv)"),
-    "train-classifier": ("helpers.attributes", "retrain the toy-face attribute classifier from scratch (assets/)"),
-    "bench": ("helpers.bench", "measure sampling, training and loading speed against this machine's matmul rate"),
+    "train-classifier": ("helpers.tools.train_classifier", "retrain the toy-face attribute classifier from scratch (assets/)"),
+    "bench": ("helpers.tools.bench", "measure sampling, training and loading speed against this machine's matmul rate"),
 }
 
 

@@ -49,7 +49,7 @@ def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
 
 
-def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float = 0.5) -> Tensor:
+def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float | Tensor = 0.5) -> Tensor:
     """Symmetric InfoNCE between paired rows of ``image_emb`` and ``text_emb``.
 
     image_emb [B, D], text_emb [B, D] (any scale: both are L2-normalised here, in
@@ -58,9 +58,15 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float = 0.5) -
     (text -> images and image -> texts) on cosine similarities / temperature.
     Perfectly aligned pairs at a low temperature give about 0; unrelated
     embeddings give about log(B). A batch of one gives exactly 0 (no negatives).
+    ``temperature`` may also be a 0-dim tensor, a learned one (CLIP's 1 / exp(logit_scale)),
+    which then receives its gradient.
     """
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(f"image_emb and text_emb must both be [B, D], got {list(image_emb.shape)} and {list(text_emb.shape)}")
+    if isinstance(temperature, Tensor):
+        if temperature.ndim != 0:
+            raise ValueError(f"a tensor temperature must be 0-dim, got shape {list(temperature.shape)}")
+        temperature = temperature.float()
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     # autocast off: called inside the trainer's autocast, the matmul would otherwise run in bf16/fp16

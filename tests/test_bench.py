@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import bench
+from helpers.tools import bench
 from helpers.__main__ import main
 from helpers.config import ModelConfig
 from helpers.network import build_models, fold_batchnorm

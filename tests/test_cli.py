@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,3 +29,22 @@ def test_unknown_subcommand_fails_cleanly():
     result = run_cli("paint")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_the_runtime_never_imports_the_maintainer_tools():
+    # what the notebooks import stays apart from bench, the demo build and the classifier's training
+    runtime = "helpers.sample, helpers.train, helpers.widget, helpers.evaluate, helpers.notebook, helpers.extract"
+    code = (
+        f"import sys, {runtime}, helpers.attributes, helpers.clip_encoder\n"
+        "tools = sorted(m for m in sys.modules if m.startswith('helpers.tools'))\n"
+        "assert not tools, tools\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["bench", "build-demo", "train-classifier"])
+def test_the_maintainer_commands_keep_their_names(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"python -m helpers {command}" in result.stdout

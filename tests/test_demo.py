@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from helpers.attributes import load_attribute_classifier, predict_attributes
-from helpers.demo import ASSETS, pairwise_distance
+from helpers.clip_encoder import ASSETS
 from helpers.sample import generate, load_generator
+from helpers.tools.build_demo import pairwise_distance
 from helpers.toyfaces import TOY_ATTRIBUTES
 
 # prompt -> attributes the images must show (and, with a "-" prefix, must not show)

@@ -68,6 +68,30 @@ def test_info_nce_rejects_bad_inputs():
         losses.info_nce(torch.randn(4, 8), torch.randn(4, 9))
     with pytest.raises(ValueError, match="temperature"):
         losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0)
+    with pytest.raises(ValueError, match="0-dim"):
+        losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), temperature=torch.ones(1))
+
+
+def test_info_nce_with_clip_learned_temperature():
+    # The demo CLIP trains with CLIP's logit scale s (temperature 1 / exp(s), exp(s) capped at
+    # 100); this is the formula its own loss used before it called info_nce.
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    text = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    for value in (math.log(1 / 0.07), 0.0, math.log(200.0)):  # CLIP's start, scale 1, past the cap
+        logit_scale, old_scale = torch.tensor(value, requires_grad=True), torch.tensor(value, requires_grad=True)
+        loss = losses.info_nce(image, text, temperature=1 / logit_scale.exp().clamp(max=100))
+        logits = old_scale.exp().clamp(max=100) * image @ text.T
+        labels = torch.arange(6)
+        expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        (loss + expected).backward()
+        assert logit_scale.grad.item() == pytest.approx(old_scale.grad.item(), rel=1e-4, abs=1e-7)
+        assert (logit_scale.grad != 0) == (value < math.log(100))  # the cap stops the gradient, as in CLIP
+    # a float and an equal 0-dim tensor give the same loss
+    assert losses.info_nce(image, text, temperature=torch.tensor(0.5)).item() == pytest.approx(
+        losses.info_nce(image, text, temperature=0.5).item(), rel=1e-6
+    )
 
 
 def test_mode_seeking_loss_on_known_images():

@@ -121,7 +121,7 @@ def matmul_rate(device: torch.device, *, size: int, warmup: int = 2, repeats: in
 
     Returns dict(dtype, size, median_s, gflop_per_s).
     """
-    from .devices import amp_dtype
+    from ..devices import amp_dtype
 
     dtype = amp_dtype(device) if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -184,7 +184,7 @@ def make_clip(spec: str, device: torch.device):
     initialised: the same FLOPs as OpenAI's weights, built offline. ``"demo/random"`` is the
     demo CLIP's architecture (``demo_clip.DEMO_CLIP_CONFIG``).
     """
-    from .clip_encoder import ClipEncoder, _image_size, build_clip_model, load_clip
+    from ..clip_encoder import ClipEncoder, _image_size, build_clip_model, load_clip
 
     if not spec.endswith(RANDOM_SUFFIX):
         return load_clip(spec, device=device)
@@ -210,9 +210,9 @@ def make_clip(spec: str, device: torch.device):
 def preset_case(preset: str, *, batch_size: int = DEFAULT_TRAIN_BATCH) -> Case:
     """The benchmark case of a preset: ``faces`` with a random ViT-B-32 CLIP loss on the last stage,
     ``demo`` as the embedded demo trains it (demo-CLIP loss at 64 px and at the last stage)."""
-    from .config import model_preset
-    from .demo import demo_train_config
-    from .train import train_preset
+    from ..config import model_preset
+    from .build_demo import demo_train_config
+    from ..train import train_preset
 
     if preset == "faces":
         return Case("faces", train_preset("faces", batch_size=batch_size), "ViT-B-32" + RANDOM_SUFFIX)
@@ -295,8 +295,8 @@ def sampling_rows(case: Case, *, device: torch.device, settings: BenchSettings, 
     batches in ``case.compare_unfolded`` also ``folded`` (BatchNorm folded, NCHW) and
     ``plain`` (the eval-mode generator as trained), for before/after.
     """
-    from .network import build_models, fold_batchnorm
-    from .sample import LoadedGenerator, generate_from_features, inference_copy
+    from ..network import build_models, fold_batchnorm
+    from ..sample import LoadedGenerator, generate_from_features, inference_copy
 
     cfg = case.config.model
     generator, _ = build_models(cfg, seed=0)
@@ -344,7 +344,7 @@ def training_rows(case: Case, *, device: torch.device, settings: BenchSettings, 
     ``amp_variants`` gets its own row; on the CPU (no AMP) the step as the Trainer runs it
     and the same step with fused Adam (``use_fused_adam``), for before/after.
     """
-    from .train import Trainer
+    from ..train import Trainer
 
     clip = make_clip(case.clip_spec, device)
     variants = [(amp, False) for amp in amp_variants] if device.type == "cuda" else [(False, False), (False, True)]
@@ -377,7 +377,7 @@ def write_random_features(path: Path, *, n: int, dim: int, seed: int = 0) -> Pat
     """A features file of ``n`` random 256 px images and features (for the loader benchmark)."""
     import numpy as np
 
-    from .features import write_features
+    from ..features import write_features
 
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -404,8 +404,8 @@ def loader_row(*, device: torch.device, settings: BenchSettings, batch_size: int
     """
     from torch.utils.data import DataLoader
 
-    from .features import FeaturesDataset
-    from .train import RunBatches, SeededItems
+    from ..features import FeaturesDataset
+    from ..train import RunBatches, SeededItems
 
     n = max(settings.loader_images, 4 * batch_size)
     workers = 2 if device.type == "cuda" else 0  # what train() uses by default
@@ -563,7 +563,7 @@ def run_bench(
     cases: what to measure (default: the demo and faces presets at ``batch_size``);
     settings: default ``QUICK`` or ``FULL``; on_row(row) is called as each row is done.
     """
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     device = resolve_device(device)
     settings = settings or (QUICK if quick else FULL)
@@ -607,7 +607,7 @@ def run_bench(
 
 def _breakdowns(case: Case, trainer, *, device: torch.device, rate: float) -> dict[str, Any]:
     """Op-by-op breakdowns of the largest sampling batch and of the training step of ``case``."""
-    from .sample import LoadedGenerator, generate_from_features, inference_copy
+    from ..sample import LoadedGenerator, generate_from_features, inference_copy
 
     cfg = case.config.model
     batch = max(case.sample_batches)
@@ -722,7 +722,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as JSON, atomically."""
-    from .checkpoint import atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes
 
     return atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
 
@@ -743,7 +743,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import UserError
+    from ..errors import UserError
 
     if args.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (BatchNorm and InfoNCE need a batch), got {args.batch_size}")

@@ -1,4 +1,4 @@
-"""The embedded demo: build it from scratch, and measure what it learned.
+"""The embedded demo: build it from scratch, and measure what it learned (a maintainer tool).
 
 ``python -m helpers build-demo`` draws toy faces, trains the demo CLIP on them,
 extracts features with it, trains the ``demo`` generator preset with the
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes
+from ..clip_encoder import ASSETS
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_PROMPTS = (
     "The woman has blond hair and wears eyeglasses.",
     "The man has black hair and a goatee, and is smiling.",
@@ -50,7 +50,7 @@ def load_toyfaces_folder(folder: str | os.PathLike, *, size: int = 64, ids: list
     """(images uint8 [N, size, size, 3], captions N lists, attributes bool [N, A], names) of a toy faces folder."""
     from PIL import Image
 
-    from .toyfaces import TOY_ATTRIBUTES, read_attributes_csv
+    from ..toyfaces import TOY_ATTRIBUTES, read_attributes_csv
 
     folder = Path(folder)
     table = read_attributes_csv(folder / "attributes.csv")
@@ -80,15 +80,12 @@ def build_demo(
     Deterministic for ``seed`` on a given machine. Intermediate files (toy faces,
     features, the training run) go to ``work_dir``; the shipped files to ``assets_dir``.
     """
-    from .checkpoint import copy_atomic, load_checkpoint
-    from .clip_encoder import load_clip, save_clip
-    from .config import ModelConfig
+    from ..checkpoint import copy_atomic, export_generator
+    from ..clip_encoder import load_clip, save_clip
+    from ..extract import assign_split, extract_features
+    from ..toyfaces import write_toyfaces
+    from ..train import train
     from .demo_clip import DEMO_CLIP_CONFIG, retrieval_top1, train_clip
-    from .extract import assign_split, extract_features
-    from .network import Generator
-    from .sample import save_generator
-    from .toyfaces import write_toyfaces
-    from .train import train
 
     work, assets = Path(work_dir), Path(assets_dir)
     assets.mkdir(parents=True, exist_ok=True)
@@ -140,10 +137,8 @@ def build_demo(
     result = train(features, run_dir, demo_train_config(gan_steps, seed=seed), clip=clip, device=device, resume=resume)
     lap("generator training", t0)
 
-    ckpt = load_checkpoint(result.checkpoint)
-    G = Generator(ModelConfig.from_dict(ckpt["model_config"]))
-    G.load_state_dict(ckpt["G_ema"])
-    generator_path = save_generator(work / "demo_generator.pt", G, clip_spec="demo", step=int(ckpt["step"]))
+    # the run's clip_spec is "demo" (set above), so the export names the embedded CLIP
+    generator_path = export_generator(result.checkpoint, work / "demo_generator.pt")
 
     t0 = time.perf_counter()
     quality = measure_quality(generator_path, features, seed=seed)
@@ -172,7 +167,7 @@ def demo_train_config(steps: int, *, seed: int = 0):
     64 px images, so it is cheap there). The mode-seeking term keeps the noise
     in use: without it, one prompt gave nearly the same face for every seed.
     """
-    from .train import train_preset
+    from ..train import train_preset
 
     return train_preset(
         "demo", steps=steps, seed=seed, diffaugment="translation", clip_stages=[0, -1], mode_seeking_weight=1.0,
@@ -182,8 +177,8 @@ def demo_train_config(steps: int, *, seed: int = 0):
 
 def write_example_grid(generator_path: str | os.PathLike, out: str | os.PathLike, *, clip, seed: int = 0) -> Path:
     """The README's example: the demo prompts x 4 seeds at 128 px, with captions."""
-    from .pictures import prompt_grid
-    from .sample import generate_from_features, load_generator
+    from ..pictures import prompt_grid
+    from ..sample import generate_from_features, load_generator
 
     model = load_generator(generator_path, device="cpu")
     seeds = [seed + j for j in range(4)]
@@ -225,10 +220,10 @@ def measure_quality(
     same distance between real toy faces that have exactly the caption's
     attributes. About 1 means as varied as real faces; near 0 means mode collapse.
     """
-    from .attributes import attribute_accuracy, load_attribute_classifier
-    from .features import FeaturesDataset, downsample, read_features
-    from .sample import generate_from_features, load_generator
-    from .toyfaces import TOY_ATTRIBUTES, iter_toyfaces
+    from ..attributes import attribute_accuracy, load_attribute_classifier
+    from ..features import FeaturesDataset, downsample, read_features
+    from ..sample import generate_from_features, load_generator
+    from ..toyfaces import TOY_ATTRIBUTES, iter_toyfaces
 
     data = read_features(features)
     attrs = data.get("attributes")

@@ -1,11 +1,12 @@
-"""The demo CLIP: a small open_clip CLIP trained contrastively on toy faces.
+"""The demo CLIP: a small open_clip CLIP trained contrastively on toy faces (a maintainer tool).
 
 It stands in for OpenAI's ViT-B/32 where weights cannot be downloaded: same
 classes (``open_clip.CLIP``), same BPE tokenizer and 77-token context, smaller
 towers (a ViT on 64 px images and a 3-layer text transformer, width 64).
-Training is the symmetric InfoNCE of CLIP (Radford et al. 2021) on
-(toy face, one of its captions) pairs. The file ``assets/demo_clip.pt`` holds
-the config and weights (``clip_encoder.save_clip``); ``load_clip("demo")`` reads it.
+Training is the symmetric InfoNCE of CLIP (Radford et al. 2021, ``losses.info_nce``
+with CLIP's learnable temperature) on (toy face, one of its captions) pairs. The
+file ``assets/demo_clip.pt`` holds the config and weights (``clip_encoder.save_clip``);
+``load_clip("demo")`` reads it, so sampling never imports this module.
 """
 
 from __future__ import annotations
@@ -19,20 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip_encoder import CLIP_MEAN, CLIP_STD, build_clip_model
+from ..clip_encoder import CLIP_MEAN, CLIP_STD, build_clip_model
+from ..losses import info_nce
 
 DEMO_CLIP_CONFIG: dict[str, Any] = dict(
     embed_dim=128,
     vision_cfg=dict(layers=3, width=64, head_width=32, patch_size=8, image_size=64),
     text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=3),
 )
-
-
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE over a batch of matching pairs; features [B, D] L2-normalised."""
-    logits = logit_scale.exp().clamp(max=100) * image_features.float() @ text_features.float().T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def _to_pixels(images_u8: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -60,7 +55,6 @@ def train_clip(
     """
     import open_clip
     from tqdm.auto import tqdm
-
 
     config = config or DEMO_CLIP_CONFIG
     if len(images) != len(captions):
@@ -99,9 +93,9 @@ def train_clip(
         batch[flip] = batch[flip].flip(-1)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        image_features = F.normalize(model.encode_image(batch), dim=-1)
-        text_features = F.normalize(model.encode_text(tokens[pick]), dim=-1)
-        loss = clip_loss(image_features, text_features, model.logit_scale)
+        # CLIP's learnable logit scale s is the inverse temperature, capped at 100 as CLIP caps it
+        temperature = 1 / model.logit_scale.exp().clamp(max=100)
+        loss = info_nce(model.encode_image(batch), model.encode_text(tokens[pick]), temperature=temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -131,7 +125,6 @@ def retrieval_top1(
     measure that matters: toy faces with equal attributes are interchangeable).
     """
     import open_clip
-
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
