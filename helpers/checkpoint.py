@@ -1,130 +1,46 @@
-"""Checkpoint files: atomic writes and loads that fail with a clear message.
+"""Checkpoint files: the one owner of their layout, for training snapshots and generator exports.
 
-A checkpoint is one ``torch.save`` dict with ``"format": CHECKPOINT_FORMAT``.
-A training snapshot holds everything needed to resume exactly (step, configs,
-G, G_ema, every D, every optimiser, the AMP scaler, RNG states, CLIP spec); a
-sampling export holds only ``model_config``, ``clip_spec``, ``clip_identity``, ``step`` and
-``G_ema``. Files are written to a temporary name and renamed, so an
-interrupted write (a Colab disconnect) never leaves a broken file behind.
+A checkpoint is one ``torch.save`` dict tagged ``"format": CHECKPOINT_FORMAT``.
+
+- A **training checkpoint** (``save_training_checkpoint`` / ``read_training_checkpoint``)
+  holds everything needed to resume exactly: the ``TrainConfig`` (the model
+  config inside it, stored once), the CLIP that made the features
+  (``clip_spec``, ``clip_identity``), the epoch, and the trainer's state (step,
+  G, G_ema, every D, every optimiser, the AMP scaler, RNG states).
+- A **generator export** (``save_generator`` / ``export_generator``) holds only what
+  sampling needs: ``model_config``, ``clip_spec``, ``clip_identity``, ``step``, ``G_ema``.
+
+``read_generator`` reads the EMA generator's part of either. Files are written
+atomically (``files.atomic_save``), so a Colab disconnect never leaves a broken
+file behind. The run folder's names (``LATEST``, ``snapshot_name``) live here too.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
+from .config import ModelConfig
 from .errors import UserError
+from .files import atomic_save
 
-CHECKPOINT_FORMAT = "helpers-t2i-gan/1"
-TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are ".NAME.XXXXXXXX.tmp" beside NAME
+CHECKPOINT_FORMAT = "helpers-t2i-gan/2"
+# /1 stored the model config twice in training checkpoints (model_config beside train_config); still read
+READABLE_FORMATS = ("helpers-t2i-gan/1", CHECKPOINT_FORMAT)
+LATEST = "latest.pt"  # the newest training checkpoint of a run, in RUN_DIR/checkpoints/
+TRAINER_KEYS = ("step", "G", "G_ema", "D", "opt_G", "opt_D", "scaler", "rng")  # what Trainer.state_dict() gives
 
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, truncated or not one of ours."""
 
 
-class OutputError(UserError):
-    """An output file cannot be written (read-only folder, full disk, a file where a folder should be)."""
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux tells it (/proc), else set and put back."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def output_error(path: Path, err: OSError) -> OutputError:
-    """One line naming the user's ``path`` (never the temporary file) and what went wrong."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return OutputError(f"cannot write {path}: {parent} is a file, not a folder; choose another path")
-            break
-    reason = err.strerror or str(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason += " (free some space or write elsewhere)"
-    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        reason += " (choose a folder you can write to)"
-    return OutputError(f"cannot write {path}: {reason}")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    A reader never sees half a file, and a failed write leaves the previous file
-    (if any) in place and no temporary file behind. Parent folders are created.
-    The file gets the permissions of any new file (0666 less the umask). An
-    ``OSError`` of the file system becomes an ``OutputError`` naming ``path``.
-    """
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            try:
-                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a program's files follow the umask
-            except OSError:
-                pass  # file systems without permissions (vfat, some network mounts): their own modes
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise output_error(path, err) from err
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that a killed process left in ``folders`` (not recursive); returns them.
-
-    Only call this while holding the folder's run lock: another writer's file in
-    flight looks the same.
-    """
-    removed = []
-    for folder in folders:
-        folder = Path(folder)
-        if folder.is_dir():
-            for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
-                if tmp.is_file():
-                    tmp.unlink(missing_ok=True)
-                    removed.append(tmp)
-    return removed
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see ``atomic_write``)."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see ``atomic_write``)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint written by this project.
+    """Load and check a checkpoint file of this project (any kind: its raw dict).
 
     Raises CheckpointError naming the file and what to do when it is missing,
     unreadable (truncated, not a torch file) or lacks the project's format tag.
@@ -139,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"cannot read checkpoint {path}: {type(err).__name__}: {err}. The file is truncated "
             "or not a checkpoint; use an earlier snapshot or copy it again."
         ) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"{path} is not a checkpoint of this project (format {found!r}, expected "
@@ -148,20 +64,60 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return ckpt
 
 
-# --------------------------------------------------------------------------- run directories
+# --------------------------------------------------------------------------- training checkpoints
 
-LATEST = "latest.pt"  # the newest training checkpoint of a run, in RUN_DIR/checkpoints/
+
+@dataclass
+class TrainingCheckpoint:
+    """A training checkpoint as read: its config and the trainer's state (``Trainer.load_state_dict`` input)."""
+
+    path: Path
+    config: Any  # TrainConfig (the model config inside it)
+    state: dict[str, Any]  # TRAINER_KEYS: step, G, G_ema, D, opt_G, opt_D, scaler, rng
+    clip_spec: str | None  # the CLIP of the features the run trained on
+    clip_identity: dict[str, Any] | None  # ClipEncoder.identity; None in files that predate it
+    epoch: int = 0
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_training_checkpoint(
+    path: str | os.PathLike, config: Any, state: dict[str, Any], *, clip_spec: str | None,
+    clip_identity: dict[str, Any] | None, epoch: int,
+) -> Path:
+    """Write a training checkpoint atomically: ``config`` (a TrainConfig), ``state`` (``Trainer.state_dict()``)."""
+    missing = [k for k in TRAINER_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"the trainer state lacks {missing}")
+    checkpoint = dict(format=CHECKPOINT_FORMAT, train_config=config.to_dict(), clip_spec=clip_spec,
+                      clip_identity=clip_identity, epoch=int(epoch), **{k: state[k] for k in TRAINER_KEYS})
+    return atomic_save(checkpoint, path)
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
+    """Read a training checkpoint (weights on the CPU; the trainer moves them). CheckpointError if it is not one."""
+    from .train_config import TrainConfig
+
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU byte tensors
+    missing = [k for k in ("train_config", "G", "D", "opt_G", "opt_D", "step") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: it is not a training checkpoint (an export cannot be resumed)")
+    try:
+        config = TrainConfig.from_dict(ckpt["train_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its training config cannot be read: {err}") from err
+    return TrainingCheckpoint(
+        path=path, config=config, state={k: ckpt.get(k) for k in TRAINER_KEYS}, clip_spec=ckpt.get("clip_spec"),
+        clip_identity=ckpt.get("clip_identity"), epoch=int(ckpt.get("epoch", 0)),
+    )
 
 
 def snapshot_name(step: int) -> str:
     """File name of the periodic snapshot at ``step``: ``step_0001234.pt``."""
     return f"step_{step:07d}.pt"
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy ``src`` to ``dst`` through a temporary file and a rename (``dst`` is never half-written)."""
-    with open(src, "rb") as inp:
-        return atomic_write(dst, lambda out: shutil.copyfileobj(inp, out, length=16 * 1024 * 1024))
 
 
 def prune_snapshots(directory: str | os.PathLike, keep: int) -> list[Path]:
@@ -178,22 +134,72 @@ def prune_snapshots(directory: str | os.PathLike, keep: int) -> list[Path]:
     return removed
 
 
+# --------------------------------------------------------------------------- generators
+
+
+@dataclass
+class GeneratorFile:
+    """The EMA generator's part of a checkpoint (a training snapshot or an export)."""
+
+    path: Path
+    model_config: ModelConfig
+    G_ema: dict[str, torch.Tensor] = field(repr=False)  # state dict
+    clip_spec: str
+    clip_identity: dict[str, Any] | None
+    step: int
+
+
+def read_generator(path: str | os.PathLike) -> GeneratorFile:
+    """Read the EMA generator of a training checkpoint or an export; CheckpointError if it has none."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    has_config = "train_config" in ckpt or "model_config" in ckpt
+    missing = [k for k in ("clip_spec", "G_ema") if k not in ckpt] + ([] if has_config else ["model_config"])
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}: it is not a generator checkpoint")
+    try:
+        model = ckpt["train_config"]["model"] if "train_config" in ckpt else ckpt["model_config"]
+        config = ModelConfig.from_dict(model)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: its model config cannot be read: {err}") from err
+    return GeneratorFile(path, config, ckpt["G_ema"], str(ckpt["clip_spec"]), ckpt.get("clip_identity"),
+                         int(ckpt.get("step", 0)))
+
+
+def save_generator(
+    path: str | os.PathLike, generator: torch.nn.Module, *, clip_spec: str, step: int = 0,
+    clip_identity: dict[str, Any] | None = None,
+) -> Path:
+    """Write a generator export of ``generator`` (a ``network.Generator``, its ``cfg`` the model config), atomically."""
+    state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
+    return _write_export(path, generator.cfg, state, clip_spec=clip_spec, clip_identity=clip_identity, step=step)
+
+
 def export_generator(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write a sampling-only file (format, model_config, clip_spec, step, G_ema) from a training checkpoint.
+    """Write a sampling-only export of a training checkpoint's (or an export's) EMA generator.
 
     The export is a few times smaller than the training checkpoint: no
     discriminators, optimiser moments or RNG states.
     """
-    ckpt = load_checkpoint(checkpoint_path)
-    missing = [k for k in ("model_config", "clip_spec", "G_ema") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{checkpoint_path} lacks {missing}: it is not a training checkpoint or an export")
-    export = dict(
-        format=CHECKPOINT_FORMAT,
-        model_config=ckpt["model_config"],
-        clip_spec=ckpt["clip_spec"],
-        clip_identity=ckpt.get("clip_identity"),
-        step=int(ckpt.get("step", 0)),
-        G_ema=ckpt["G_ema"],
-    )
-    return atomic_save(export, out_path)
+    g = read_generator(checkpoint_path)
+    return _write_export(out_path, g.model_config, g.G_ema, clip_spec=g.clip_spec, clip_identity=g.clip_identity,
+                         step=g.step)
+
+
+def _write_export(
+    path: str | os.PathLike, config: ModelConfig, state: dict[str, torch.Tensor], *, clip_spec: str,
+    clip_identity: dict[str, Any] | None, step: int,
+) -> Path:
+    return atomic_save(dict(format=CHECKPOINT_FORMAT, model_config=config.to_dict(), clip_spec=clip_spec,
+                            clip_identity=clip_identity, step=int(step), G_ema=state), path)
+
+
+# Until every caller imports them from ``files``: the file helpers this module used to hold.
+from .files import (  # noqa: E402,F401
+    OutputError,
+    atomic_write,
+    atomic_write_bytes,
+    copy_atomic,
+    output_error,
+    remove_stale_temps,
+)

@@ -1,7 +1,9 @@
-"""Model configuration: one typed dataclass, saved inside every checkpoint.
+"""Model configuration: the stage schedule and one typed dataclass, saved inside every checkpoint.
 
 Sampling rebuilds the networks from this config alone, so every size the
-networks need lives here (and nowhere else). Presets:
+networks need lives here (and nowhere else): the stage schedule (how many
+stages, each one's image size, the size a features file stores) and the
+network widths. Presets:
 
 - ``faces``: the reference sizes of the bootcamp project (StackGAN++ family,
   CLIP ViT-B/32 text features): Ng=1024, Nd=64, text 512, z 100, condition 128,
@@ -17,6 +19,37 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# The stage schedule: stage i (0-based) draws BASE_RESOLUTION * 2**i px images. Every module that
+# needs a stage's size, the number of stages or the stored image size derives it from here; adding a
+# stage means raising MAX_STAGES here and giving the networks the layers for it.
+BASE_RESOLUTION = 64  # stage 1's image size (StackGAN++: 64 px)
+MAX_STAGES = 3  # the deepest schedule the networks build: 64, 128, 256 px
+STORED_IMAGE_SIZE = BASE_RESOLUTION * 2 ** (MAX_STAGES - 1)  # features files keep each image once, at the last stage's size
+STAGE_CHOICES = tuple(range(1, MAX_STAGES + 1))  # 1-based stage numbers, as the command line and the widget name them
+
+
+def stage_resolution(stage: int) -> int:
+    """Image size of 0-based ``stage``: 64, 128, 256 px for stages 0, 1, 2."""
+    if not 0 <= stage < MAX_STAGES:
+        raise ValueError(f"stage must be in [0, {MAX_STAGES}), got {stage}")
+    return BASE_RESOLUTION * 2**stage
+
+
+def stage_resolutions(num_stages: int = MAX_STAGES) -> list[int]:
+    """Image sizes of the first ``num_stages`` stages: [64, 128, 256][:num_stages]."""
+    return [stage_resolution(s) for s in range(num_stages)]
+
+
+def describe_stages(num_stages: int = MAX_STAGES) -> str:
+    """The stage numbers a user types, with their sizes: ``"1 (64 px), 2 (128 px), 3 (256 px)"``."""
+    return ", ".join(f"{s + 1} ({stage_resolution(s)} px)" for s in range(num_stages))
+
+
+def check_num_stages(num_stages: int) -> None:
+    """``num_stages`` must be one of ``STAGE_CHOICES``; a ``ValueError`` says what each gives."""
+    if num_stages not in STAGE_CHOICES:
+        raise ValueError(f"num_stages must be one of {describe_stages()} (the last stage's size), got {num_stages}")
+
 
 @dataclass
 class ModelConfig:
@@ -27,12 +60,11 @@ class ModelConfig:
     cond_dim: int = 128  # size of the condition from conditioning augmentation
     ng: int = 1024  # generator channels at 4x4; 64 px features have ng // 16
     nd: int = 64  # discriminator base channels; trunk ends with 8 * nd
-    num_stages: int = 3  # 1, 2 or 3 stages: images at 64, 128, 256 px
+    num_stages: int = MAX_STAGES  # stages 1..MAX_STAGES: images at 64, 128, 256 px
     num_res_blocks: int = 2  # residual blocks in each stage after the first
 
     def __post_init__(self) -> None:
-        if self.num_stages not in (1, 2, 3):
-            raise ValueError(f"num_stages must be 1, 2 or 3, got {self.num_stages}")
+        check_num_stages(self.num_stages)
         min_ng = 16 * 2 ** (self.num_stages - 1) * 2
         if self.ng < min_ng or self.ng % min_ng:
             raise ValueError(
@@ -47,8 +79,8 @@ class ModelConfig:
 
     @property
     def resolutions(self) -> list[int]:
-        """Image size of each stage: [64, 128, 256][:num_stages]."""
-        return [64 * 2**i for i in range(self.num_stages)]
+        """Image size of each stage: [64, 128, 256][:num_stages] (see ``stage_resolution``)."""
+        return stage_resolutions(self.num_stages)
 
     @property
     def stage_channels(self) -> list[int]:

@@ -7,13 +7,27 @@ InfoNCE between image-side embeddings and CLIP text features, computed in fp32
 with cross-entropy and averaged over the batch (the bootcamp reference summed
 them, which tied their scale to the batch size). The mode-seeking term is
 MSGAN's (Mao et al. 2019): it rewards images that move when only the noise does.
+
+``d_stage_losses`` and ``g_stage_losses`` assemble one stage's terms from the
+discriminator heads' record (``network.DiscOutput``); each returns a dict of
+named terms plus their weighted ``total``, which the trainer logs under
+``loss/d/stageN/...`` and ``loss/g/stageN/...``. A new term is one more entry
+in one of these dicts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .network import DiscOutput
+
+Contrast = Callable[[Tensor, Tensor], Tensor]  # (image-side embedding [B, D], text feature [B, D]) -> InfoNCE scalar
 
 
 def _bce(logits: Tensor, target: float) -> Tensor:
@@ -91,3 +105,56 @@ def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tenso
     z_gap = (z_a.float() - z_b.float()).abs().mean()
     terms = [1.0 / ((a.float() - b.float()).abs().mean() / z_gap + eps) for a, b in zip(images_a, images_b)]
     return torch.stack(terms).mean()
+
+
+# --------------------------------------------------------------------------- one stage, assembled
+
+
+def d_stage_losses(
+    real: DiscOutput, fake: DiscOutput, text: Tensor, *, uncond_weight: float, align_weight: float, contrast: Contrast,
+) -> dict[str, Tensor]:
+    """One discriminator's loss terms for a step.
+
+    real: the heads on real images (``cond`` for their own condition, ``mismatched``
+    for another sample's, or None to leave StackGAN's mismatched term out);
+    fake: the heads on the detached fakes. text [B, D]: the real images' text
+    features, for the alignment InfoNCE (``contrast``). Terms: ``cond`` (always),
+    ``uncond`` (weight > 0), ``align`` (weight > 0), and ``total``, their weighted sum.
+    """
+    terms = dict(cond=d_adversarial_loss(real.cond, fake.cond, real.mismatched))
+    total = terms["cond"]
+    if uncond_weight > 0:
+        terms["uncond"] = d_adversarial_loss(real.uncond, fake.uncond)
+        total = total + uncond_weight * terms["uncond"]
+    if align_weight > 0:
+        terms["align"] = contrast(real.align, text)
+        total = total + align_weight * terms["align"]
+    terms["total"] = total
+    return terms
+
+
+def g_stage_losses(
+    fake: DiscOutput, text: Tensor, *, uncond_weight: float, align_weight: float, contrast: Contrast,
+    clip_embedding: Tensor | None = None, clip_weight: float = 0.0,
+) -> dict[str, Tensor]:
+    """The generator's loss terms at one stage.
+
+    fake: the discriminator's heads on the (not detached) fakes; text [B, D]: the
+    text features they were generated from; clip_embedding [B, D]: CLIP's embedding
+    of the fakes at a stage with the CLIP loss, else None. Terms: ``adv`` (the
+    conditional plus weighted unconditional non-saturating terms), ``align`` (weight
+    > 0), ``clip`` (when an embedding is given), and ``total``, their weighted sum.
+    """
+    adv = g_adversarial_loss(fake.cond)
+    if uncond_weight > 0:
+        adv = adv + uncond_weight * g_adversarial_loss(fake.uncond)
+    terms = dict(adv=adv)
+    total = adv
+    if align_weight > 0:
+        terms["align"] = contrast(fake.align, text)
+        total = total + align_weight * terms["align"]
+    if clip_embedding is not None:
+        terms["clip"] = contrast(clip_embedding, text)
+        total = total + clip_weight * terms["clip"]
+    terms["total"] = total
+    return terms

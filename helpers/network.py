@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -162,13 +162,21 @@ class NextStage(nn.Module):
         return self.up(self.res(x))
 
 
+class GeneratorOutput(NamedTuple):
+    """What the generator gives for a batch (a tuple: ``images, mu, logvar = G(...)`` works)."""
+
+    images: list[Tensor]  # one per stage: [B, 3, 64 * 2**i, 64 * 2**i] in [-1, 1]
+    mu: Tensor  # [B, cond_dim] mean of the conditioning Gaussian (the condition D is given)
+    logvar: Tensor  # [B, cond_dim] its log-variance (for the KL term)
+
+
 class Generator(nn.Module):
     """Text feature + noise -> images at 64, 128, 256 px (as many as ``num_stages``).
 
     forward(text_emb [B, text_dim] L2-normalised, z [B, z_dim] ~ N(0, I),
             ca_noise [B, cond_dim] ~ N(0, I) or None, generator=None)
-      -> (images: list of [B, 3, 64 * 2**i, 64 * 2**i] in [-1, 1],
-          mu [B, cond_dim], logvar [B, cond_dim])
+      -> GeneratorOutput(images: list of [B, 3, 64 * 2**i, 64 * 2**i] in [-1, 1],
+                         mu [B, cond_dim], logvar [B, cond_dim])
 
     ``ca_noise`` (the conditioning-augmentation noise) is drawn from ``generator``
     when not given, so the model itself never touches a global seed.
@@ -191,9 +199,8 @@ class Generator(nn.Module):
         ca_noise: Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
-    ) -> tuple[list[Tensor], Tensor, Tensor]:
-        if text_emb.ndim != 2 or text_emb.shape[1] != self.cfg.text_dim:
-            raise ValueError(f"text_emb must be [B, {self.cfg.text_dim}], got {list(text_emb.shape)}")
+    ) -> GeneratorOutput:
+        self._check_text(text_emb)
         if z.shape != (text_emb.shape[0], self.cfg.z_dim):
             raise ValueError(f"z must be [{text_emb.shape[0]}, {self.cfg.z_dim}], got {list(z.shape)}")
         condition, mu, logvar = self.ca(text_emb, ca_noise, generator=generator)
@@ -203,7 +210,16 @@ class Generator(nn.Module):
         for stage, head in zip(self.stages[1:], self.heads[1:]):
             features = stage(features, condition)
             images.append(head(features))
-        return images, mu, logvar
+        return GeneratorOutput(images, mu, logvar)
+
+    def condition_mean(self, text_emb: Tensor) -> Tensor:
+        """text_emb [B, text_dim] -> mu [B, cond_dim]: the noise-free condition of a text (what D is given)."""
+        self._check_text(text_emb)
+        return self.ca(text_emb, torch.zeros(text_emb.shape[0], self.cfg.cond_dim, device=text_emb.device))[1]
+
+    def _check_text(self, text_emb: Tensor) -> None:
+        if text_emb.ndim != 2 or text_emb.shape[1] != self.cfg.text_dim:
+            raise ValueError(f"text_emb must be [B, {self.cfg.text_dim}], got {list(text_emb.shape)}")
 
 
 # --------------------------------------------------------------------------- discriminator
@@ -224,11 +240,28 @@ def same_block(in_ch: int, out_ch: int) -> nn.Sequential:
 
 
 class DiscOutput(NamedTuple):
-    """What a discriminator says about a batch of images."""
+    """What a discriminator's heads say about a batch of images: one record per batch."""
 
     uncond: Tensor  # [B] unconditional real/fake logit
     cond: Tensor | None  # [B] conditional logit (None when no condition was given)
     align: Tensor  # [B, text_dim] alignment embedding, from the image alone
+    mismatched: Tensor | None = None  # [B] conditional logit for another sample's condition (None: not asked)
+
+
+class StageDiscriminator(Protocol):
+    """The interface the trainer uses: run the trunk once per image batch, then every head on it.
+
+    A new discriminator (another trunk, another head) implements these two methods
+    and the losses and the trainer need no change.
+    """
+
+    def features(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> trunk features (any shape the heads take)."""
+        ...
+
+    def heads(self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None) -> DiscOutput:
+        """features of one batch, condition [B, cond_dim] (and optionally a mismatched one) -> ``DiscOutput``."""
+        ...
 
 
 class Discriminator(nn.Module):
@@ -274,24 +307,25 @@ class Discriminator(nn.Module):
             )
         return self.prior(self.trunk(images))
 
-    def uncond_logits(self, features: Tensor) -> Tensor:
-        """features [B, 8nd, 4, 4] -> logits [B]."""
-        return self.uncond_head(features).flatten(1).mean(1)
+    def heads(self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None) -> DiscOutput:
+        """features [B, 8nd, 4, 4]; condition, mismatched [B, cond_dim] or None -> ``DiscOutput``.
 
-    def cond_logits(self, features: Tensor, condition: Tensor) -> Tensor:
-        """features [B, 8nd, 4, 4], condition [B, cond_dim] -> logits [B]."""
+        Logits [B] (unconditional; conditional on ``condition``; conditional on
+        ``mismatched``, another sample's condition) and the alignment embedding
+        [B, text_dim] (not normalised), all from the same features.
+        """
+        uncond = self.uncond_head(features).flatten(1).mean(1)
+        cond = None if condition is None else self._cond_logits(features, condition)
+        mis = None if mismatched is None else self._cond_logits(features, mismatched)
+        return DiscOutput(uncond, cond, self.align_head(features).flatten(1), mis)
+
+    def _cond_logits(self, features: Tensor, condition: Tensor) -> Tensor:
         x = torch.cat([features, tile(condition, features)], dim=1)
         return self.cond_head(x).flatten(1).mean(1)
 
-    def align_embedding(self, features: Tensor) -> Tensor:
-        """features [B, 8nd, 4, 4] -> alignment embedding [B, text_dim] (not normalised)."""
-        return self.align_head(features).flatten(1)
-
-    def forward(self, images: Tensor, condition: Tensor | None = None) -> DiscOutput:
-        """Run the trunk once and every head on it; see ``DiscOutput``."""
-        feats = self.features(images)
-        cond = None if condition is None else self.cond_logits(feats, condition)
-        return DiscOutput(self.uncond_logits(feats), cond, self.align_embedding(feats))
+    def forward(self, images: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None) -> DiscOutput:
+        """``heads(features(images), condition, mismatched=...)``: the trunk once, every head on it."""
+        return self.heads(self.features(images), condition, mismatched=mismatched)
 
 
 def build_discriminators(cfg: ModelConfig) -> nn.ModuleList:

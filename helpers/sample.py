@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_checkpoint
-from .config import ModelConfig
-from .devices import default_device, resolve_device  # default_device: re-exported
+from .assets import DEMO_GENERATOR
+from .checkpoint import CheckpointError, read_generator, save_generator  # noqa: F401  (save_generator: re-exported)
+from .config import STAGE_CHOICES, ModelConfig, describe_stages
+from .devices import default_device, resolve_device  # noqa: F401  (default_device: re-exported)
 from .errors import UserError
 from .network import Generator, fold_batchnorm
 
-DEMO_GENERATOR = Path(__file__).resolve().parent.parent / "assets" / "demo_generator.pt"
 MAX_IMAGES = 256  # images per call (prompts x n); more is almost surely a typo, and slow on a CPU
 MAX_SEED = 2**62  # seeds are 0 <= seed < MAX_SEED (torch.Generator takes 64-bit seeds)
 DEFAULT_BATCH_SIZE = 16  # samples per forward pass; results do not depend on it
@@ -90,21 +90,17 @@ def load_generator(checkpoint: str | os.PathLike | None = None, *, device: str |
             )
     else:
         path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("model_config", "clip_spec", "G_ema") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} has no {', '.join(missing)}: it is not a generator checkpoint")
+    stored = read_generator(path)
     try:
-        config = ModelConfig.from_dict(ckpt["model_config"])
-        generator = Generator(config)
-        generator.load_state_dict(ckpt["G_ema"])
+        generator = Generator(stored.model_config)
+        generator.load_state_dict(stored.G_ema)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: its generator does not match its model_config: {err}") from err
+        raise CheckpointError(f"{path}: its generator does not match its model config: {err}") from err
     generator.eval().requires_grad_(False)
     generator.to(resolve_device(device))
     return LoadedGenerator(
-        generator, config, str(ckpt["clip_spec"]), int(ckpt.get("step", 0)), path, inference_copy(generator),
-        ckpt.get("clip_identity"),
+        generator, stored.model_config, stored.clip_spec, stored.step, path, inference_copy(generator),
+        stored.clip_identity,
     )
 
 
@@ -113,19 +109,6 @@ def inference_copy(generator: Generator) -> Generator:
     (``network.fold_batchnorm``) and the NHWC (``channels_last``) layout that oneDNN and
     cuDNN convolve without reordering. The same images up to float rounding."""
     return fold_batchnorm(generator).to(memory_format=torch.channels_last)
-
-
-def save_generator(
-    path: str | os.PathLike, generator: Generator, *, clip_spec: str, step: int = 0,
-    clip_identity: dict[str, Any] | None = None,
-) -> Path:
-    """Write a sampling-only export: format, model_config, clip_spec (+ clip_identity), step and G_ema (atomically)."""
-    state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
-    return atomic_save(
-        dict(format=CHECKPOINT_FORMAT, model_config=generator.cfg.to_dict(), clip_spec=clip_spec,
-             clip_identity=clip_identity, step=step, G_ema=state),
-        path,
-    )
 
 
 def _as_model(model: Any, device: str | torch.device | None) -> LoadedGenerator:
@@ -183,7 +166,7 @@ def check_seed(seed: int, n: int = 1) -> None:
 def select_stages(stage: int | str | None, num_stages: int) -> list[int]:
     """Which stages to show, as 0-based indices.
 
-    ``stage`` is 1, 2 or 3 (64, 128, 256 px), ``"all"``, or None for the last
+    ``stage`` is a stage number (``config.describe_stages``), ``"all"``, or None for the last
     stage the checkpoint has. A stage the checkpoint lacks is a ``UserError``.
     """
     if stage is None:
@@ -193,12 +176,11 @@ def select_stages(stage: int | str | None, num_stages: int) -> list[int]:
     try:
         number = int(stage)
     except (TypeError, ValueError):
-        raise UserError(f"stage must be 1, 2, 3 or 'all', got {stage!r}") from None
+        raise UserError(f"stage must be a stage number ({describe_stages()}) or 'all', got {stage!r}") from None
     if not 1 <= number <= num_stages:
-        sizes = ", ".join(f"{i + 1} ({64 * 2**i} px)" for i in range(num_stages))
         raise UserError(
             f"this checkpoint has {num_stages} stage(s), so stage {number} does not exist: "
-            f"choose {sizes} or 'all'"
+            f"choose {describe_stages(num_stages)} or 'all'"
         )
     return [number - 1]
 
@@ -385,8 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1, help=f"images per prompt, one column per seed (at most {MAX_IMAGES} in all)")
     parser.add_argument("--seed", type=int, default=None, help="first seed; image j uses seed + j (default: random, printed)")
     parser.add_argument(
-        "--stage", default=None, choices=("1", "2", "3", "all"),
-        help="1, 2, 3 = the 64, 128, 256 px images; all = the stages side by side (default: the last stage)",
+        "--stage", default=None, choices=[*map(str, STAGE_CHOICES), "all"],
+        help=f"{describe_stages()}; all = the stages side by side (default: the last stage)",
     )
     parser.add_argument("--interpolate", action="store_true", help="a strip from the first prompt to the second (needs two prompts)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="images in the interpolation strip")

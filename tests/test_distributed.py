@@ -17,7 +17,7 @@ from helpers.checkpoint import load_checkpoint
 from helpers.config import ModelConfig
 from helpers.errors import UserError
 from helpers.network import build_models
-from helpers.train import RunBatches, TrainConfig, Trainer, TrainingDiverged
+from helpers.train import Fakes, RunBatches, TrainConfig, Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(text_dim=32, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=1)  # 64 px, one stage
@@ -123,7 +123,7 @@ def use_global_noise(trainer: Trainer, rows: slice) -> None:
         g = torch.Generator().manual_seed(1000 + trainer.step)
         z = torch.randn(GLOBAL_BATCH, trainer.cfg.model.z_dim, generator=g)[rows]
         ca_noise = torch.randn(GLOBAL_BATCH, trainer.cfg.model.cond_dim, generator=g)[rows]
-        return trainer.G(text, z, ca_noise)
+        return Fakes(*trainer.G(text, z, ca_noise), z=z)
 
     trainer.generate = generate
 
@@ -207,11 +207,11 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(synthetic_features
             assert a.keys() == b.keys()
             for k in a:  # the logged losses are the global-batch losses
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (r, step, k)
-    assert {"d0_align", "g0_align", "g0_clip"} <= set(expected[0])  # the gathered InfoNCE terms were compared
+    assert {"loss/d/stage0/align", "loss/g/stage0/align", "loss/g/stage0/clip"} <= set(expected[0])  # the gathered InfoNCE terms were compared
 
     # a NaN on rank 1 stops both ranks at the same step with the usual message
     for result in ranks:
-        assert "diverged at step 3 (generator step)" in result["nan"] and "kl=nan" in result["nan"]
+        assert "diverged at step 3 (generator step)" in result["nan"] and "loss/g/kl=nan" in result["nan"]
     # rank 1 left: rank 0 raises instead of waiting forever
     assert "rank 0 of 2" in ranks[0]["peer_gone"] and "--resume" in ranks[0]["peer_gone"]
 

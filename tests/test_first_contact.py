@@ -324,12 +324,12 @@ def test_readme_says_how_to_install_the_cpu_build_of_pytorch():
 
 
 def test_an_error_before_the_first_step_leaves_no_checkpoint(synthetic_features, tmp_path, tiny_clip, monkeypatch):
-    from helpers import train as train_module
+    from helpers import pictures
 
-    def broken_preview(images):
+    def broken_preview(images, captions):
         raise RuntimeError("CUDA out of memory (stand-in)")
 
-    monkeypatch.setattr(train_module, "preview_grid", broken_preview)
+    monkeypatch.setattr(pictures, "preview_picture", broken_preview)
     with pytest.raises(RuntimeError, match="out of memory"):
         train(synthetic_features, tmp_path / "run", tiny_config(steps=2), clip=tiny_clip, progress=False)
     assert not (tmp_path / "run" / "checkpoints" / "latest.pt").exists()  # a fresh start stays possible
@@ -339,7 +339,7 @@ def test_a_preset_named_again_on_resume_keeps_the_checkpoints_mirror(synthetic_f
     from helpers.train import resume_config
 
     saved = tiny_config(steps=2, mirror_dir=str(tmp_path / "drive"), lr_g=1e-4)
-    again = resume_config(saved, tiny_config(steps=2), ["steps=3"])
+    again = resume_config(saved, ["steps=3"], named=tiny_config(steps=2))
     assert again.mirror_dir == str(tmp_path / "drive") and again.lr_g == 1e-4 and again.steps == 3
     with pytest.raises(UserError, match=r"batch_size: checkpoint 4, asked 8"):
-        resume_config(saved, tiny_config(batch_size=8))
+        resume_config(saved, named=tiny_config(batch_size=8))

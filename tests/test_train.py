@@ -65,18 +65,18 @@ def test_cli_trains_and_writes_checkpoint_metrics_and_previews(synthetic_feature
     ])
     assert code == 0, capsys.readouterr().err
     ckpt = load_checkpoint(out / "checkpoints" / "latest.pt")
-    for key in ("format", "step", "epoch", "model_config", "train_config", "clip_spec", "G", "G_ema", "D",
-                "opt_G", "opt_D", "scaler", "rng"):
-        assert key in ckpt, key
+    assert set(ckpt) == {"format", "step", "epoch", "train_config", "clip_spec", "clip_identity", "G", "G_ema", "D",
+                         "opt_G", "opt_D", "scaler", "rng"}  # the model config once, inside train_config
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["step"] == 3 and ckpt["clip_spec"] == "tiny-random"
-    assert ckpt["model_config"]["text_dim"] == 32  # taken from the features file
-    assert len(ckpt["D"]) == len(ckpt["opt_D"]) == 2 and ckpt["model_config"]["num_stages"] == 2
+    model = ckpt["train_config"]["model"]
+    assert model["text_dim"] == 32  # taken from the features file
+    assert len(ckpt["D"]) == len(ckpt["opt_D"]) == 2 and model["num_stages"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step_0000002.pt", "step_0000003.pt"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(math.isfinite(r["d_loss"]) and math.isfinite(r["g_loss"]) for r in rows)
-    assert {"d0_align", "g1_clip", "kl", "images_per_s"} <= set(rows[-1])
-    assert "g0_clip" not in rows[-1]  # the CLIP loss runs at the last stage only
+    assert all(math.isfinite(r["loss/d"]) and math.isfinite(r["loss/g"]) for r in rows)
+    assert {"loss/d/stage0/align", "loss/g/stage1/clip", "loss/g/kl", "perf/images_per_s"} <= set(rows[-1])
+    assert "loss/g/stage0/clip" not in rows[-1]  # the CLIP loss runs at the last stage only
     assert sorted(p.name for p in (out / "previews").iterdir()) == [
         "step_0000000.png", "step_0000002.png", "step_0000003.png"
     ]
@@ -116,7 +116,7 @@ def test_resume_continues_exactly(synthetic_features, tmp_path, tiny_clip, extra
     for name in ta:
         torch.testing.assert_close(ta[name], tb[name], rtol=1e-5, atol=1e-6, msg=name)
     assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
-    assert resumed.history[-1]["g_loss"] == pytest.approx(straight.history[-1]["g_loss"], rel=1e-5)
+    assert resumed.history[-1]["loss/g"] == pytest.approx(straight.history[-1]["loss/g"], rel=1e-5)
 
     # loading puts every trained model back in train mode (the reference left them in eval)
     trainer = Trainer(tiny_config(), clip=tiny_clip)
@@ -226,13 +226,17 @@ def trainer_and_batch(synthetic_features, tiny_clip):
 def test_d_step_sends_no_gradient_to_G_and_g_step_none_to_D(trainer_and_batch):
     trainer, batch = trainer_and_batch
     b = trainer.prepare_batch(batch)
-    fakes, mu, logvar = trainer.generate(b["text"])
-    values = trainer.d_step(b["real"], fakes, mu, b["text"], b["mismatched"])
+    fakes = trainer.generate(b["text"])
+    values = trainer.d_step(b, fakes)
     assert all(p.grad is None for p in trainer.G.parameters())  # fakes were detached
     assert all(p.grad is not None for d in trainer.D for p in d.parameters())
-    assert {"d0", "d1", "d_loss", "d0_cond", "d0_uncond", "d0_align", "d1_align"} <= set(values)
+    assert set(values) == {"loss/d", "loss/d/stage0", "loss/d/stage1"} | {
+        f"loss/d/stage{i}/{term}" for i in (0, 1) for term in ("cond", "uncond", "align")}
+    assert values["loss/d"] == pytest.approx(values["loss/d/stage0"] + values["loss/d/stage1"], rel=1e-6)
     d_grads = [p.grad.clone() for p in trainer.D.parameters()]
-    trainer.g_step(fakes, mu, logvar, b["text"])  # the same fakes, not regenerated
+    g_values = trainer.g_step(b, fakes)  # the same fakes, not regenerated
+    assert set(g_values) == {"loss/g", "loss/g/stage0", "loss/g/stage1", "loss/g/kl", "loss/g/stage1/clip"} | {
+        f"loss/g/stage{i}/{term}" for i in (0, 1) for term in ("adv", "align")}
     assert all(p.grad is not None for p in trainer.G.parameters())
     assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, trainer.D.parameters()))
     assert all(p.requires_grad for p in trainer.D.parameters())
@@ -244,15 +248,17 @@ def test_mode_seeking_twins_reach_G_only(trainer_and_batch, tiny_clip, monkeypat
     seen = {}
     d_step = trainer.d_step
 
-    def recording_d_step(real, fakes, mu, text, mismatched):
-        seen["d"] = [f.shape[0] for f in fakes] + [mu.shape[0]]
-        return d_step(real, fakes, mu, text, mismatched)
+    def recording_d_step(prepared, fakes):
+        seen["d"] = [f.shape[0] for f in fakes.images] + [fakes.mu.shape[0]]
+        seen["twins"] = [f.shape[0] for f in fakes.twins] + [fakes.twin_z.shape[0]]
+        return d_step(prepared, fakes)
 
     monkeypatch.setattr(trainer, "d_step", recording_d_step)
     values = trainer.train_step(batch)
     assert seen["d"] == [3, 3, 3]  # D judges the batch, not the twins
-    assert math.isfinite(values["mode_seeking"]) and values["mode_seeking"] > 0
-    assert "mode_seeking" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    assert seen["twins"] == [1, 1, 1]
+    assert math.isfinite(values["loss/g/mode_seeking"]) and values["loss/g/mode_seeking"] > 0
+    assert "loss/g/mode_seeking" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
 
 
 def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_clip):
@@ -265,7 +271,7 @@ def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_cli
     trainer = Trainer(tiny_config(language_free=True, mismatch=False, uncond_weight=0.0), clip=tiny_clip)
     values = trainer.train_step(batch)
     assert trainer.step == 1 and all(math.isfinite(v) for v in values.values())
-    assert "d0_uncond" not in values
+    assert "loss/d/stage0/uncond" not in values
 
 
 # --------------------------------------------------------------------------- config
