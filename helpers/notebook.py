@@ -9,6 +9,10 @@ The notebooks run in two modes:
   faces, the tiny random CLIP, the small ``demo`` model and a few CPU steps, so every
   notebook runs top to bottom in a minute or two offline (the test suite runs them so).
 
+Each notebook's first cell only makes ``helpers`` importable (in Colab by cloning this
+repository) and calls ``setup()``, which does the rest: installs the requirements and mounts
+Google Drive in Colab, and moves to the repository root.
+
 Notebooks share data through files under one work folder (``HELPERS_WORKDIR``,
 default the repository root): ``data/NAME.pt`` (the features file of notebook 01) and
 ``runs/NAME/`` (the training run of notebook 03). In Colab, with Google Drive mounted,
@@ -21,8 +25,10 @@ Nothing here prints: functions return text or pictures and the notebook shows th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .assets import ASSETS, DEMO_GENERATOR
 from .errors import UserError
 
 REPO = "clip-stackgan/clip-stackgan"  # GitHub owner/name that the badges open and Colab clones (a fork changes it)
 BRANCH = "main"
+REPO_URL_ENV = "HELPERS_REPO_URL"  # the setup cell clones this address in Colab (default: https://github.com/REPO)
+REPO_ROOT = ASSETS.parent  # the repository this package sits in: data/ and runs/ are relative to it
 SMOKE_ENV = "HELPERS_SMOKE"  # "1": the small offline smoke mode
 WORKDIR_ENV = "HELPERS_WORKDIR"  # where data/ and runs/ live (default: the current folder, the repository root)
 DRIVE_MOUNT = Path("/content/drive")
@@ -120,16 +129,39 @@ def device_report(*, smoke: bool | None = None, colab: bool | None = None, cuda:
     return lines
 
 
-def setup(*, mount: bool = True) -> list[str]:
-    """What the notebooks' setup cell does once the package imports: mount Google Drive (Colab,
-    when ``mount``), run torch on ``SMOKE_THREADS`` thread(s) in the smoke mode, and return
-    ``device_report()`` lines to print."""
-    mount_drive(mount)
+def repo_url(environ: dict[str, str] | None = None) -> str:
+    """The address the setup cell clones in Colab: ``HELPERS_REPO_URL``, else this repository on GitHub."""
+    return (os.environ if environ is None else environ).get(REPO_URL_ENV) or f"https://github.com/{REPO}"
+
+
+def install_requirements(root: str | os.PathLike = REPO_ROOT) -> None:
+    """``pip install -r requirements.txt`` into this kernel's Python (Colab has torch, not the rest)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(Path(root) / "requirements.txt")],
+                   check=True)
+
+
+def setup(*, mount: bool = True, root: str | os.PathLike | None = None) -> list[str]:
+    """Everything the notebooks' setup cell does once ``helpers`` imports; returns lines to print.
+
+    In Colab: install ``requirements.txt`` and (when ``mount``) mount Google Drive. Everywhere:
+    move to the repository root ``root`` (default: the one this package sits in), so that
+    ``data/`` and ``runs/`` are relative to it as for the command line, and in the smoke mode
+    run torch on ``SMOKE_THREADS`` thread(s). The lines name the repository, the Drive folder
+    and the runtime (``device_report``).
+    """
+    root = Path(root) if root is not None else REPO_ROOT
+    if in_colab():
+        install_requirements(root)
+    os.chdir(root)
+    lines = [f"repository: {root}"]
+    drive = mount_drive(mount)
+    if drive is not None:
+        lines.append(f"Google Drive: {drive}")
     if smoke_mode():
         import torch
 
         torch.set_num_threads(SMOKE_THREADS)
-    return device_report()
+    return lines + device_report()
 
 
 # --------------------------------------------------------------------------- the shared settings
@@ -281,7 +313,18 @@ def ensure_checkpoint(cfg: NotebookConfig, choice: str = "") -> Path | None:
                     f"{cfg.name!r}), or set CHECKPOINT to a checkpoint path or to 'demo'")
 
 
-# --------------------------------------------------------------------------- pictures of a features file
+# --------------------------------------------------------------------------- pictures
+
+
+def picture_note(cfg: NotebookConfig, model: Any = None) -> str:
+    """One line to print beside generated pictures: in the smoke mode, why they are near-gray
+    ("" otherwise, and "" for the embedded demo model, which is trained). ``model``: the
+    ``LoadedGenerator`` that drew them, when there is one (its step is named)."""
+    if not cfg.smoke or (model is not None and Path(model.path) == DEMO_GENERATOR):
+        return ""
+    steps = f"{model.step} steps" if model is not None else f"a few steps ({SMOKE_STEPS})"
+    return (f"smoke mode: the pictures come from a tiny model trained for {steps}, so they are near-gray; "
+            f"run without {SMOKE_ENV} for real pictures.")
 
 
 def sample_pairs(features: str | os.PathLike, *, n: int = 8, seed: int = 0) -> tuple[Any, list[str], list[str]]:
@@ -385,6 +428,24 @@ def similarity_histogram(stats: dict[str, Any]):
     return Image.open(io.BytesIO(_figure_png(fig)))
 
 
+# --------------------------------------------------------------------------- one training step by hand
+
+
+def loss_table(values: dict[str, float]) -> str:
+    """The loss terms of one training step (``Trainer.train_step``'s dict) as aligned lines,
+    sorted by name, so that terms with a common prefix (the D terms, the G terms) sit together."""
+    if not values:
+        return "(no loss terms)"
+    width = max(len(name) for name in values)
+    return "\n".join(f"{name:<{width}}  {value:>10.4f}" for name, value in sorted(values.items()))
+
+
+def with_text_dim(train_cfg: Any, dim: int) -> Any:
+    """``train_cfg`` with ``model.text_dim = dim``: a ``Trainer`` built by hand needs the features
+    file's text size, which ``helpers.train.train`` sets the same way."""
+    return dataclasses.replace(train_cfg, model=dataclasses.replace(train_cfg.model, text_dim=dim))
+
+
 # --------------------------------------------------------------------------- live training display
 
 
@@ -421,9 +482,12 @@ class LiveTraining:
 
     @staticmethod
     def status(row: dict[str, Any]) -> str:
-        """One line for a metrics row: step, epoch, D and G losses, speed."""
-        return (f"step {row['step']}  epoch {row.get('epoch', 0)}  D {row.get('d_loss', float('nan')):.4f}  "
-                f"G {row.get('g_loss', float('nan')):.4f}  {row.get('images_per_s', 0.0):.1f} images/s")
+        """One line for a metrics row: step, epoch, the D and G totals, speed."""
+        from .train import D_LOSS, G_LOSS, IMAGES_PER_S
+
+        nan = float("nan")
+        return (f"step {row['step']}  epoch {row.get('epoch', 0)}  D {row.get(D_LOSS, nan):.4f}  "
+                f"G {row.get(G_LOSS, nan):.4f}  {row.get(IMAGES_PER_S, 0.0):.1f} images/s")
 
     def plot(self) -> bytes | None:
         """Draw the loss curves of the rows so far; PNG bytes (None before the first row)."""
@@ -449,11 +513,18 @@ class LiveTraining:
             self.plot()
 
     def on_sample(self, step: int, grid: Any, path: Path) -> None:
-        """The ``on_sample`` callback: a new preview grid (rows: stages, columns: preview captions)."""
+        """The ``on_sample`` callback: a new preview (rows: stages, columns: preview captions).
+
+        grid: a PIL image (a labelled ``preview_picture``) or a tensor [3, H, W] in [0, 1];
+        path: the PNG file training wrote.
+        """
         from IPython.display import Image
 
+        from .pictures import png_bytes, to_pil
+
         self.previews.append(Path(path))
-        self._show("preview", Image(data=Path(path).read_bytes(), format="png"))
+        picture = grid if hasattr(grid, "save") else to_pil(grid.detach().float().cpu() * 2 - 1)  # [0, 1] -> [-1, 1]
+        self._show("preview", Image(data=png_bytes(picture), format="png"))
 
     def finish(self) -> None:
         """Draw the final curves (call after training, or after an interruption)."""

@@ -50,6 +50,94 @@ def test_drive_mirror_and_latest_checkpoint(tmp_path):
     assert cfg.latest_checkpoint() == local
 
 
+def fake_colab(monkeypatch, tmp_path):
+    """Stand-ins for Colab: google.colab.drive (its mount makes MyDrive) and pip (recorded, never run)."""
+    import subprocess
+    import sys
+    import types
+
+    calls = []
+
+    def mount(where):
+        calls.append(("mount", where))
+        (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
+
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mount)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(nb, "DRIVE_MOUNT", tmp_path / "drive")
+    monkeypatch.setattr(nb, "DRIVE_DIR", tmp_path / "drive" / "MyDrive" / "clip-stackgan")
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(("run", command, kwargs)))
+    return calls
+
+
+def test_setup_in_colab_installs_mounts_and_moves_to_the_repository(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.chdir(tmp_path)  # restored after the test
+    monkeypatch.setenv("HELPERS_SMOKE", "0")
+    calls = fake_colab(monkeypatch, tmp_path)
+    root = tmp_path / "clip-stackgan"
+    root.mkdir()
+    lines = nb.setup(mount=True, root=root)
+    assert calls[0] == ("run", [sys.executable, "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")],
+                        dict(check=True))
+    assert calls[1] == ("mount", str(tmp_path / "drive"))
+    assert nb.Path.cwd() == root  # data/ and runs/ are relative to the repository
+    assert lines[:2] == [f"repository: {root}", f"Google Drive: {nb.DRIVE_DIR}"] and nb.DRIVE_DIR.is_dir()
+    assert any("Google Colab" in line for line in lines)
+    del calls[:]
+    nb.setup(mount=False, root=root)  # a rerun with the box unticked: pip again, no Drive
+    assert [c[0] for c in calls] == ["run"]
+
+
+def test_setup_elsewhere_only_moves_to_the_repository(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HELPERS_SMOKE", "1")
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing is installed outside Colab"))
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    lines = nb.setup(mount=True)
+    assert nb.Path.cwd() == nb.REPO_ROOT and (nb.REPO_ROOT / "helpers" / "__init__.py").is_file()
+    assert lines[0] == f"repository: {nb.REPO_ROOT}" and not any("Drive" in line for line in lines)
+    assert threads == [nb.SMOKE_THREADS]
+
+
+def test_repo_url_follows_the_environment():
+    assert nb.repo_url({}) == f"https://github.com/{nb.REPO}"
+    assert nb.repo_url({"HELPERS_REPO_URL": "https://github.com/me/fork"}) == "https://github.com/me/fork"
+
+
+def test_picture_note_explains_gray_pictures_in_the_smoke_mode_only(tmp_path):
+    from types import SimpleNamespace
+
+    smoke = nb.notebook_config(smoke=True, workdir=tmp_path)
+    note = nb.picture_note(smoke)
+    assert note.startswith("smoke mode:") and "near-gray" in note and "HELPERS_SMOKE" in note and "\n" not in note
+    assert "4 steps" in nb.picture_note(smoke, SimpleNamespace(step=4, path=tmp_path / "latest.pt"))
+    assert nb.picture_note(smoke, SimpleNamespace(step=4000, path=nb.DEMO_GENERATOR)) == ""  # the demo is trained
+    assert nb.picture_note(nb.notebook_config(smoke=False, workdir=tmp_path, drive=None)) == ""
+
+
+def test_loss_table_sorts_whatever_terms_come_back():
+    table = nb.loss_table({"loss/g/kl": 0.25, "loss/d/stage0/cond": 1.5, "loss/d/stage0/align": 2.0})
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines] == ["loss/d/stage0/align", "loss/d/stage0/cond", "loss/g/kl"]
+    assert lines[0].endswith("2.0000") and len({len(line) for line in lines}) == 1  # aligned columns
+    assert nb.loss_table({}) == "(no loss terms)"
+
+
+def test_with_text_dim_sets_the_model_text_size(tmp_path):
+    cfg = nb.train_config(nb.notebook_config(smoke=True, workdir=tmp_path))
+    fitted = nb.with_text_dim(cfg, 32)
+    assert fitted.model.text_dim == 32 and fitted.batch_size == cfg.batch_size
+    assert fitted.model.z_dim == cfg.model.z_dim
+
+
 def test_device_report_warns_on_a_colab_runtime_without_gpu():
     lines = nb.device_report(smoke=False, colab=True, cuda=False)
     assert any("no GPU" in line and "Change runtime type" in line for line in lines)
@@ -104,22 +192,45 @@ class FakeHandle:
 def test_live_training_keeps_three_slots_up_to_date(tmp_path):
     from PIL import Image
 
+    from helpers.train import D_LOSS, G_LOSS, IMAGES_PER_S
+
     handles = []
-    live = nb.LiveTraining([dict(step=1, d_loss=1.0, g_loss=2.0)], plot_every_s=3600,
+    live = nb.LiveTraining([{"step": 1, D_LOSS: 1.0, G_LOSS: 2.0}], plot_every_s=3600,
                            display=lambda obj, display_id: FakeHandle(handles, obj))
     grid = tmp_path / "p.png"
     Image.new("RGB", (8, 8)).save(grid)
-    live.on_sample(0, torch.zeros(3, 8, 8), grid)
-    live.on_log(dict(step=2, epoch=0, d_loss=0.5, g_loss=1.5, images_per_s=3.0))
-    live.on_log(dict(step=3, epoch=0, d_loss=0.4, g_loss=1.4, images_per_s=3.0))
+    live.on_sample(0, torch.zeros(3, 8, 8), grid)  # the grid as a tensor [3, H, W] in [0, 1]
+    live.on_log({"step": 2, "epoch": 0, D_LOSS: 0.5, G_LOSS: 1.5, IMAGES_PER_S: 3.0})
+    live.on_log({"step": 3, "epoch": 0, D_LOSS: 0.4, G_LOSS: 1.4, IMAGES_PER_S: 3.0})
     assert len(handles) == 3  # status, loss curves, preview: created once, then updated
     status, loss, preview = handles
     assert "step 3" in status.shown[-1].data and "D 0.4000" in status.shown[-1].data
+    assert "G 1.4000" in status.shown[-1].data and "3.0 images/s" in status.shown[-1].data
     assert len(loss.shown) == 2  # placeholder + one plot: the second row came within plot_every_s
     live.finish()
     assert len(loss.shown) == 3 and loss.shown[-1].data.startswith(b"\x89PNG")
     assert preview.shown[-1].data == grid.read_bytes()
     assert [row["step"] for row in live.history] == [1, 2, 3]
+
+
+def test_live_training_shows_a_pil_preview_or_a_tensor_grid(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    handles = []
+    live = nb.LiveTraining(display=lambda obj, display_id: FakeHandle(handles, obj))
+    labelled = Image.new("RGB", (30, 20), (10, 200, 30))  # what preview_picture returns
+    live.on_sample(2, labelled, tmp_path / "step_2.png")  # the file need not be read
+    shown = Image.open(io.BytesIO(handles[2].shown[-1].data))
+    assert shown.size == (30, 20) and shown.getpixel((0, 0)) == (10, 200, 30)
+    grid = torch.zeros(3, 4, 6)
+    grid[0] = 1.0  # red in [0, 1]
+    live.on_sample(4, grid, tmp_path / "step_4.png")
+    shown = np.asarray(Image.open(io.BytesIO(handles[2].shown[-1].data)))
+    assert shown.shape == (4, 6, 3) and (shown == [255, 0, 0]).all()
+    assert live.previews == [tmp_path / "step_2.png", tmp_path / "step_4.png"]
 
 
 def test_training_arguments_resume_a_run_that_has_a_checkpoint(tmp_path):
