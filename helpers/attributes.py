@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .assets import ATTRIBUTE_CLASSIFIER
 from .captions import CELEBA_ATTRIBUTES
 from .checkpoint import CheckpointError, load_checkpoint
 from .toyfaces import TOY_ATTRIBUTES
 
-DEFAULT_PATH = Path(__file__).resolve().parents[1] / "assets" / "attribute_classifier.pt"
+DEFAULT_PATH = ATTRIBUTE_CLASSIFIER  # the shipped weights (assets/attribute_classifier.pt)
 CLASSIFIER_KIND = "toy-attribute-classifier/1"
 INPUT_SIZE = 64  # every input is area-downsampled to this size first
 

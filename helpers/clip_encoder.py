@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .assets import DEMO_CLIP
 from .devices import resolve_device
 from .errors import UserError
 
 CONTEXT_LENGTH = 77  # CLIP's text window in tokens, start and end tokens included
 CLIP_FORMAT = "helpers-clip/1"  # the self-describing weights file written by save_clip
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_CLIP_PATH = ASSETS / "demo_clip.pt"
+DEMO_CLIP_PATH = DEMO_CLIP  # the shipped demo CLIP (assets/demo_clip.pt)
 OPENAI_CLIP_PREFIX = "openai-clip:"
 
 
@@ -264,7 +264,7 @@ def save_clip(
     ``model_cfg`` is what ``build_clip_model`` takes; the tokenizer is always ViT-B/32's BPE.
     The file is written atomically (``assets/demo_clip.pt`` is one such file).
     """
-    from .checkpoint import atomic_save
+    from .files import atomic_save
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return atomic_save(dict(format=CLIP_FORMAT, model_cfg=model_cfg, state_dict=state, meta=dict(meta or {})), path)

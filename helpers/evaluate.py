@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import tempfile
@@ -36,8 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, atomic_write_bytes
+from .checkpoint import CheckpointError
+from .config import STAGE_CHOICES, STORED_IMAGE_SIZE, describe_stages, stage_resolution
 from .errors import UserError
+from .files import write_json
 
 EXTRACTORS = ("auto", "inception", "clip", "random-conv")
 DEFAULT_BATCH_SIZE = 32
@@ -131,7 +132,7 @@ def _batches(n: int, size: int) -> list[slice]:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as indented JSON through a temporary file and a rename."""
-    return atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+    return write_json(path, report)
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -171,7 +172,7 @@ def evaluate(
 
     checkpoint: a checkpoint path, a ``helpers.sample.LoadedGenerator``, or None for
     the embedded demo model. n_images: how many images to generate (default: one
-    per captioned test image). stage: 1, 2, 3, ``"all"`` or None (the last stage).
+    per captioned test image). stage: a stage number (``config.describe_stages``), ``"all"`` or None (the last stage).
     feature_extractor: one of ``EXTRACTORS`` or an ``nn.Module`` mapping uint8
     [B, 3, H, W] to [B, F] (its ``name`` attribute goes into the report).
     ``on_progress`` receives one line per phase (for notebooks without bars).
@@ -254,9 +255,9 @@ def evaluate(
     real_feats: dict[int, list[Tensor]] = {s: [] for s in stages}
     say(f"reading {len(test)} real test images")
     for rows in tqdm(_batches(len(test), batch_size), desc="real images", disable=not progress):
-        full = torch.stack([test.image(i) for i in range(rows.start, rows.stop)])  # [b, 3, 256, 256]
+        full = torch.stack([test.image(i) for i in range(rows.start, rows.stop)])  # [b, 3, 256, 256] (stored size)
         for s in stages:
-            pixels = metrics.to_uint8(downsample(full, 64 * 2**s))
+            pixels = metrics.to_uint8(downsample(full, stage_resolution(s)))
             real_feats[s].append(metrics.extract_features(pixels, extractor, batch_size=batch_size))
 
     say("computing metrics")
@@ -268,7 +269,7 @@ def evaluate(
         kid, kid_std = metrics.kernel_inception_distance(
             real, fake, subset_size=kid_subset_size, subsets=kid_subsets, seed=seed
         )
-        per_stage[str(64 * 2**s)] = dict(
+        per_stage[str(stage_resolution(s))] = dict(
             fid=metrics.frechet_distance(real, fake),
             kid=kid,
             kid_std=kid_std,
@@ -276,7 +277,7 @@ def evaluate(
             r_precision=metrics.r_precision(img_emb, text_emb, groups=groups, candidates=candidates, seed=seed),
         )
     last = stages[-1]
-    report: dict[str, Any] = dict(per_stage[str(64 * 2**last)])
+    report: dict[str, Any] = dict(per_stage[str(stage_resolution(last))])
     if classifier is not None and attr_sums:
         per_attribute = {name: total / n for name, total in attr_sums.items()}
         # what answering every image with the commonest value of each attribute would score
@@ -296,7 +297,7 @@ def evaluate(
         n_real=len(test),
         n_prompt_sources=len(set(sources)),
         split="test",
-        resolution=64 * 2**last,
+        resolution=stage_resolution(last),
         stage=last + 1,
         stages_evaluated=[s + 1 for s in stages],
         feature_extractor=extractor_name,
@@ -308,7 +309,7 @@ def evaluate(
         noise_seeds=f"image i uses seed + i ({seed} .. {seed + n - 1})",
         truncation=truncation,
         prompts="one test caption per image: test image order[i % T] (order seeded), cycling its captions",
-        real_images="every test image, area-downsampled from 256 px to the stage resolution",
+        real_images=f"every test image, area-downsampled from {STORED_IMAGE_SIZE} px to the stage resolution",
         quantisation="uint8 (as a saved PNG), generated and real",
         clip_score="100 * max(cos, 0), the checkpoint's CLIP, mean over generated images",
         r_precision_candidates=candidates,
@@ -378,8 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-images", type=int, default=None, help="images to generate (default: one per test image)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt choice and noise (image i uses seed + i)")
     parser.add_argument(
-        "--stage", default=None, choices=("1", "2", "3", "all"),
-        help="1, 2, 3 = the 64, 128, 256 px images; all = every stage (default: the last stage)",
+        "--stage", default=None, choices=[*map(str, STAGE_CHOICES), "all"],
+        help=f"{describe_stages()}; all = every stage (default: the last stage)",
     )
     parser.add_argument(
         "--feature-extractor", default="auto", choices=EXTRACTORS,

@@ -37,7 +37,7 @@ from .features import IMAGE_SIZE, write_features
 PARTIAL_FORMAT = "helpers-t2i-extract-partial/1"
 PREPROCESSING = (
     "EXIF orientation applied; converted to RGB (transparency over white, 16-bit scaled to 8-bit); "
-    "center-cropped to a square; resized once to 256 px with Lanczos; uint8"
+    f"center-cropped to a square; resized once to {IMAGE_SIZE} px with Lanczos; uint8"
 )
 REFERENCE_TEST_FRACTION = 0.2  # the reference's 24,000 / 6,000
 DEFAULT_TEST_FRACTION = 0.1
@@ -255,7 +255,7 @@ class _WorkArea:
         self.state: dict[str, Any] = state
 
     def save(self) -> None:
-        from .checkpoint import atomic_save
+        from .files import atomic_save
 
         for array in self.arrays.values():
             array.flush()  # the arrays must be on disk before the state that points past them

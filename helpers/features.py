@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .checkpoint import atomic_save, atomic_write
+from .config import MAX_STAGES, STORED_IMAGE_SIZE, check_num_stages, stage_resolutions
 from .errors import UserError
+from .files import atomic_save, atomic_write
 
 FEATURES_FORMAT = "helpers-t2i-features/1"
-IMAGE_SIZE = 256  # every stored image is 256 x 256 RGB
+IMAGE_SIZE = STORED_IMAGE_SIZE  # every stored image is square RGB at the last stage's size (256 px)
 SPLITS = ("train", "test", "all")
 
 
@@ -168,11 +169,10 @@ class FeaturesDataset(Dataset):
     Randomness comes from torch's global generator (seeded per DataLoader worker).
     """
 
-    def __init__(self, path: str | os.PathLike, *, split: str = "train", num_stages: int = 3) -> None:
+    def __init__(self, path: str | os.PathLike, *, split: str = "train", num_stages: int = MAX_STAGES) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if num_stages not in (1, 2, 3):
-            raise ValueError(f"num_stages must be 1, 2 or 3, got {num_stages}")
+        check_num_stages(num_stages)
         data = read_features(path)
         self.path = Path(path)
         self.meta: dict[str, Any] = data["meta"]
@@ -216,7 +216,7 @@ class FeaturesDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         full = self.image(i)
-        images = [downsample(full, 64 * 2**s) for s in range(self.num_stages)]
+        images = [downsample(full, size) for size in stage_resolutions(self.num_stages)]
         other = i
         if len(self) > 1:
             other = (i + 1 + int(torch.randint(len(self) - 1, ()))) % len(self)  # any item but i

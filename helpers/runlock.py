@@ -42,7 +42,7 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             file = open(self.path, "a+", encoding="utf-8")
         except OSError as err:
-            from .checkpoint import output_error
+            from .files import output_error
 
             raise output_error(self.path, err) from err
         try:

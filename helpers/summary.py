@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .config import MODEL_PRESETS, model_preset
+from .config import MODEL_PRESETS, STAGE_CHOICES, model_preset
 from .network import format_summary, summary_rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="faces", help="model preset")
-    parser.add_argument("--stages", type=int, choices=(1, 2, 3), default=None, help="number of stages")
+    parser.add_argument("--stages", type=int, choices=STAGE_CHOICES, default=None, help="number of stages")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .captions import CELEBA_ATTRIBUTES, captions_for_attributes
-from .checkpoint import atomic_write_bytes
+from .config import STORED_IMAGE_SIZE
+from .files import atomic_write_bytes
 
 # The drawn attributes, in CelebA's order.
 TOY_ATTRIBUTES: tuple[str, ...] = (
@@ -52,8 +53,9 @@ ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
     "facial hair": ("Mustache", "Goatee"),
 }
 
-IMAGE_SIZE = 256  # every toy face is 256 x 256 RGB
-_SUPERSAMPLE = 2  # drawn at 512 px and box-downsampled: smooth edges at little cost
+IMAGE_SIZE = STORED_IMAGE_SIZE  # every toy face is square RGB at the size a features file stores (256 px)
+_UNITS = 256  # the face's geometry is written in units of a 256 px image, scaled to IMAGE_SIZE
+_SUPERSAMPLE = 2  # drawn at twice the size and box-downsampled: smooth edges at little cost
 
 # P(attribute) for a woman and for a man. CelebA (whole dataset) for comparison: Male 0.42,
 # Black 0.24, Blond 0.15, Brown 0.21, Gray 0.04 (the rest have no hair colour label: here red),
@@ -169,13 +171,13 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def draw_face(attributes: Mapping[str, bool], rng: np.random.Generator) -> Image.Image:
-    """Draw one 256 px RGB face showing exactly ``attributes`` (a mapping over TOY_ATTRIBUTES;
+    """Draw one ``IMAGE_SIZE`` px RGB face showing exactly ``attributes`` (a mapping over TOY_ATTRIBUTES;
     missing names are false); everything else is drawn at random from ``rng``."""
     check_attributes(attributes)
     a = {name: bool(attributes.get(name, False)) for name in TOY_ATTRIBUTES}
     male = a["Male"]
-    k = _SUPERSAMPLE
-    img = _background(rng, IMAGE_SIZE * k)
+    k = _SUPERSAMPLE * IMAGE_SIZE / _UNITS  # drawing px per geometry unit
+    img = _background(rng, IMAGE_SIZE * _SUPERSAMPLE)
     d = ImageDraw.Draw(img)
 
     def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
@@ -370,7 +372,7 @@ def draw_face(attributes: Mapping[str, bool], rng: np.random.Generator) -> Image
             bw = fw * rng.uniform(1.45, 1.7)
             d.ellipse(box(cx - bw, brim_y - 8, cx + bw, brim_y + 5), fill=_scale(colour, 0.85))
 
-    return img.reduce(k)
+    return img.reduce(_SUPERSAMPLE)
 
 
 def toy_face(seed: int, index: int) -> tuple[Image.Image, dict[str, bool], list[str]]:

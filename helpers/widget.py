@@ -18,6 +18,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .checkpoint import CheckpointError
+from .config import stage_resolutions
 from .errors import UserError
 
 DEFAULT_PROMPT = "The woman is young and has blond hair, and arched eyebrows."
@@ -75,7 +76,8 @@ class PromptWidget(widgets.VBox):
     # ---------------------------------------------------------------- state
 
     def _set_stage_options(self, num_stages: int) -> None:
-        options = [(f"{64 * 2**i} px", str(i + 1)) for i in range(num_stages)] + [("all stages", "all")]
+        options = [(f"{size} px", str(i + 1)) for i, size in enumerate(stage_resolutions(num_stages))]
+        options.append(("all stages", "all"))
         self.stage.options = options
         self.stage.value = str(num_stages)
 

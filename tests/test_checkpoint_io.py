@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from helpers.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_checkpoint
+from helpers.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from helpers.files import atomic_save
 
 
 def test_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers.attributes import load_attribute_classifier, predict_attributes
-from helpers.clip_encoder import ASSETS
+from helpers.assets import ASSETS
 from helpers.sample import generate, load_generator
 from helpers.tools.build_demo import pairwise_distance
 from helpers.toyfaces import TOY_ATTRIBUTES

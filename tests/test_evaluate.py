@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from helpers.checkpoint import CHECKPOINT_FORMAT, atomic_save
+from helpers.checkpoint import CHECKPOINT_FORMAT
+from helpers.files import atomic_save
 from helpers.config import ModelConfig
 from helpers.errors import UserError
 from helpers.evaluate import choose_prompts, evaluate, format_report, load_feature_extractor

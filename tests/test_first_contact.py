@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from helpers.__main__ import main
-from helpers.checkpoint import atomic_write_bytes, load_checkpoint
+from helpers.checkpoint import load_checkpoint
+from helpers.files import atomic_write_bytes
 from helpers.errors import UserError
-from helpers.train import TrainingInterrupted, Trainer, train, train_preset
+from helpers.train import TrainingInterrupted, Trainer, train
 
 from test_train import TINY_SET, tiny_config
 
@@ -272,7 +273,7 @@ def test_a_read_only_folder_is_one_line(synthetic_features, tmp_path, capsys):
 def test_a_full_disk_names_the_users_file_not_the_temp_file(tmp_path):
     import errno
 
-    from helpers.checkpoint import OutputError, atomic_write
+    from helpers.files import OutputError, atomic_write
 
     def full(f):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.png.abcd.tmp"))

@@ -163,7 +163,7 @@ def test_failed_checkpoint_write_keeps_the_previous_latest(synthetic_features, t
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", flaky_save)
-    from helpers.checkpoint import OutputError
+    from helpers.files import OutputError
 
     with pytest.raises(OutputError, match=r"cannot write \S*run/checkpoints/latest.pt: disk full"):
         train(synthetic_features, tmp_path / "run", tiny_config(steps=4, snapshot_every=100), clip=tiny_clip,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -722,9 +721,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as JSON, atomically."""
-    from ..checkpoint import atomic_write_bytes
+    from ..files import write_json
 
-    return atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    return write_json(path, report)
 
 
 # --------------------------------------------------------------------------- command line

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_write_bytes
-from ..clip_encoder import ASSETS
+from ..assets import ASSETS, DEMO_REPORT
+from ..files import write_json
 
 DEMO_PROMPTS = (
     "The woman has blond hair and wears eyeglasses.",
@@ -80,7 +80,8 @@ def build_demo(
     Deterministic for ``seed`` on a given machine. Intermediate files (toy faces,
     features, the training run) go to ``work_dir``; the shipped files to ``assets_dir``.
     """
-    from ..checkpoint import copy_atomic, export_generator
+    from ..checkpoint import export_generator
+    from ..files import copy_atomic
     from ..clip_encoder import load_clip, save_clip
     from ..extract import assign_split, extract_features
     from ..toyfaces import write_toyfaces
@@ -154,7 +155,7 @@ def build_demo(
         total_minutes=round((time.perf_counter() - started) / 60, 1),
         device=str(clip.device), threads=torch.get_num_threads(),
     )
-    atomic_write_bytes(assets / "demo_report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_json(assets / DEMO_REPORT.name, report)
     return report
 
 
@@ -309,10 +310,10 @@ def run(args: argparse.Namespace) -> int:
     if args.measure_only:
         features = Path(args.work_dir) / "features.pt"
         quality = measure_quality(Path(args.assets_dir) / "demo_generator.pt", features, seed=args.seed)
-        report_path = Path(args.assets_dir) / "demo_report.json"
+        report_path = Path(args.assets_dir) / DEMO_REPORT.name
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         report["quality"] = quality
-        atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode())
+        write_json(report_path, report)
         print(json.dumps(quality, indent=2))
         return 0
     report = build_demo(

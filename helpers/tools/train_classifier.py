@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attributes import CLASSIFIER_KIND, DEFAULT_PATH, INPUT_SIZE, AttributeClassifier, attribute_accuracy, to_tensor
-from ..checkpoint import CHECKPOINT_FORMAT, atomic_save
+from ..checkpoint import CHECKPOINT_FORMAT
+from ..files import atomic_save
 from ..toyfaces import TOY_ATTRIBUTES, toy_face
 
 TRAIN_SEED_OFFSET = 10_000  # toy faces for training come from toy seed 10_000 + seed ...
