@@ -192,14 +192,3 @@ def _write_export(
 ) -> Path:
     return atomic_save(dict(format=CHECKPOINT_FORMAT, model_config=config.to_dict(), clip_spec=clip_spec,
                             clip_identity=clip_identity, step=int(step), G_ema=state), path)
-
-
-# Until every caller imports them from ``files``: the file helpers this module used to hold.
-from .files import (  # noqa: E402,F401
-    OutputError,
-    atomic_write,
-    atomic_write_bytes,
-    copy_atomic,
-    output_error,
-    remove_stale_temps,
-)

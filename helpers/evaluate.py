@@ -181,6 +181,7 @@ def evaluate(
 
     from . import metrics, sample
     from .features import FeaturesDataset, downsample, read_features
+    from .pictures import quantize
 
     say = on_progress or (lambda line: None)
     if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2):
@@ -241,11 +242,11 @@ def evaluate(
             )
         text_embs.append(text.float().cpu())
         for s in stages:
-            pixels = metrics.to_uint8(images[s])
+            pixels = quantize(images[s])
             fake_feats[s].append(metrics.extract_features(pixels, extractor, batch_size=batch_size))
             image_embs[s].append(clip.encode_images(pixels.to(device)).float().cpu())
         if classifier is not None:
-            quantised = metrics.to_uint8(images[stages[-1]]).float() / 127.5 - 1  # the PNG the user would see
+            quantised = quantize(images[stages[-1]]).float() / 127.5 - 1  # the PNG the user would see
             result = attr_module.attribute_accuracy(quantised, wanted_all[rows], classifier=classifier)
             b = rows.stop - rows.start
             for name, acc in result["per_attribute"].items():
@@ -257,7 +258,7 @@ def evaluate(
     for rows in tqdm(_batches(len(test), batch_size), desc="real images", disable=not progress):
         full = torch.stack([test.image(i) for i in range(rows.start, rows.stop)])  # [b, 3, 256, 256] (stored size)
         for s in stages:
-            pixels = metrics.to_uint8(downsample(full, stage_resolution(s)))
+            pixels = quantize(downsample(full, stage_resolution(s)))
             real_feats[s].append(metrics.extract_features(pixels, extractor, batch_size=batch_size))
 
     say("computing metrics")

@@ -29,11 +29,6 @@ KID_SUBSET_SIZE = 1000  # the usual KID subset size; smaller sets use every imag
 KID_SUBSETS = 100
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] in 0..255 (rounded, as in a PNG)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 class RandomConvFeatures(nn.Module):
     """An offline stand-in for Inception: a fixed, seeded random conv net.
 

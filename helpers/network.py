@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, stage_resolution
 
 LEAK = 0.2  # LeakyReLU slope of the discriminators (DCGAN / StackGAN)
 
@@ -279,7 +279,7 @@ class Discriminator(nn.Module):
         if not 0 <= stage < cfg.num_stages:
             raise ValueError(f"stage must be in [0, {cfg.num_stages}), got {stage}")
         nd, top = cfg.nd, 8 * cfg.nd
-        self.resolution = 64 * 2**stage
+        self.resolution = stage_resolution(stage)
         self.trunk = nn.Sequential(
             down_block(3, nd, norm=False),
             down_block(nd, 2 * nd),

@@ -258,7 +258,7 @@ def training_arguments(cfg: NotebookConfig, train_cfg: Any) -> dict[str, Any]:
 
 def copy_features(src: Path, dst: Path) -> Path:
     """Copy a features file and its image array (each atomically, the array first)."""
-    from .checkpoint import copy_atomic
+    from .files import copy_atomic
     from .features import images_path
 
     copy_atomic(images_path(src), images_path(dst))

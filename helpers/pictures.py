@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 
 PADDING = 2  # px between tiles and around the grid
 BACKGROUND = (255, 255, 255)
@@ -33,15 +33,20 @@ INK = (20, 20, 20)
 # --------------------------------------------------------------------------- conversions
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """Images [B, 3, H, W] (or one [3, H, W]) in [-1, 1] -> uint8 [B, H, W, 3] (or [H, W, 3]).
+def quantize(images: Tensor) -> Tensor:
+    """Images [B, 3, H, W] (or one [3, H, W]) in [-1, 1] -> uint8 tensor of the same shape, 0..255.
 
-    Values outside [-1, 1] are clipped; rounding is to the nearest level.
+    The one rounding rule of the project (what a PNG stores): values outside [-1, 1]
+    are clipped, rounding is to the nearest level; the device is kept.
     """
     if images.ndim not in (3, 4) or images.shape[-3] != 3:
         raise ValueError(f"expected images [B, 3, H, W] or [3, H, W], got {list(images.shape)}")
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.movedim(-3, -1).numpy()
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images [B, 3, H, W] (or one [3, H, W]) in [-1, 1] -> uint8 array [B, H, W, 3] (or [H, W, 3]) for PIL."""
+    return quantize(images).cpu().movedim(-3, -1).numpy()
 
 
 def to_pil(image: Tensor) -> Image.Image:

@@ -43,3 +43,38 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_one_owner_reads_both_layouts_and_refuses_an_export_for_resume(tmp_path):
+    from helpers.checkpoint import (
+        export_generator,
+        read_generator,
+        read_training_checkpoint,
+        save_generator,
+        save_training_checkpoint,
+    )
+    from helpers.network import Generator
+    from helpers.train_config import TrainConfig
+
+    cfg = TrainConfig()
+    G = Generator(cfg.model)
+    state = dict(step=7, G=G.state_dict(), G_ema=G.state_dict(), D=[], opt_G={}, opt_D=[], scaler=None, rng={})
+    path = save_training_checkpoint(tmp_path / "latest.pt", cfg, state, clip_spec="demo", clip_identity=None, epoch=1)
+    raw = load_checkpoint(path)
+    assert "model_config" not in raw and raw["train_config"]["model"] == cfg.model.to_dict()  # stored once
+    read = read_training_checkpoint(path)
+    assert read.config == cfg and read.step == 7 and read.epoch == 1 and read.clip_spec == "demo"
+    assert read_generator(path).model_config == cfg.model
+
+    export = export_generator(path, tmp_path / "g.pt")
+    assert set(load_checkpoint(export)) == {"format", "model_config", "clip_spec", "clip_identity", "step", "G_ema"}
+    assert read_generator(export).step == 7
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        read_training_checkpoint(export)
+    assert read_generator(save_generator(tmp_path / "h.pt", G, clip_spec="demo", step=3)).step == 3
+
+    # a training checkpoint of the first layout (the model config beside the training config) still reads
+    old = dict(raw, format="helpers-t2i-gan/1", model_config=cfg.model.to_dict())
+    torch.save(old, tmp_path / "old.pt")
+    assert read_training_checkpoint(tmp_path / "old.pt").config == cfg
+    assert read_generator(tmp_path / "old.pt").model_config == cfg.model

@@ -119,3 +119,29 @@ def test_info_nce_runs_in_fp32_inside_autocast():
         inside = losses.info_nce(image, text, temperature=0.07)
     assert inside.dtype == torch.float32
     assert torch.equal(inside, expected)
+
+
+def test_stage_losses_assemble_the_terms_with_their_weights():
+    from helpers.network import DiscOutput
+
+    big, zero, text = torch.full((4,), 20.0), torch.zeros(4), F.normalize(torch.randn(4, 8), dim=1)
+    aligned = DiscOutput(uncond=big, cond=big, align=text * 3, mismatched=-big)  # a D that is right everywhere
+    fooled = DiscOutput(uncond=zero, cond=zero, align=torch.randn(4, 8))
+
+    def contrast(a, b):
+        return losses.info_nce(a, b, temperature=0.1)
+
+    d = losses.d_stage_losses(aligned, DiscOutput(-big, -big, text), text, uncond_weight=2.0, align_weight=5.0,
+                              contrast=contrast)
+    assert set(d) == {"cond", "uncond", "align", "total"}
+    assert d["cond"].item() == pytest.approx(0.0, abs=1e-6) and d["uncond"].item() == pytest.approx(0.0, abs=1e-6)
+    assert d["total"].item() == pytest.approx(d["cond"].item() + 2 * d["uncond"].item() + 5 * d["align"].item())
+    off = losses.d_stage_losses(fooled, fooled, text, uncond_weight=0.0, align_weight=0.0, contrast=contrast)
+    assert set(off) == {"cond", "total"} and off["cond"].item() == pytest.approx(2 * math.log(2))  # no mismatched
+
+    g = losses.g_stage_losses(fooled, text, uncond_weight=1.0, align_weight=0.0, contrast=contrast,
+                              clip_embedding=text, clip_weight=10.0)
+    assert set(g) == {"adv", "clip", "total"}
+    assert g["adv"].item() == pytest.approx(2 * math.log(2))  # conditional + unconditional at logit 0
+    assert g["total"].item() == pytest.approx(g["adv"].item() + 10 * g["clip"].item())
+    assert "clip" not in losses.g_stage_losses(fooled, text, uncond_weight=1.0, align_weight=1.0, contrast=contrast)

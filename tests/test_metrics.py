@@ -16,8 +16,8 @@ from helpers.metrics import (
     kernel_inception_distance,
     r_precision,
     r_precision_candidates,
-    to_uint8,
 )
+from helpers.pictures import quantize
 
 
 def smooth_images(n: int, *, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -38,16 +38,16 @@ def extractor():
 
 
 def features_of(images, extractor):
-    return extract_features(to_uint8(images), extractor, batch_size=32)
+    return extract_features(quantize(images), extractor, batch_size=32)
 
 
-def test_to_uint8_range():
-    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
-    assert to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
+def test_quantize_range():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert quantize(x)[0, 0, 0].tolist() == [0, 0, 128, 255, 255] and quantize(x).dtype == torch.uint8
 
 
 def test_random_conv_extractor_is_fixed_and_shaped(extractor):
-    images = to_uint8(smooth_images(3))
+    images = quantize(smooth_images(3))
     a = extractor(images)
     b = RandomConvFeatures(num_features=32, image_size=32)(images)
     assert a.shape == (3, 32) and torch.equal(a, b)
@@ -93,7 +93,7 @@ def test_fid_needs_two_images_each():
 
 def test_clip_image_features_take_uint8(tiny_clip):
     extractor = ClipImageFeatures(tiny_clip)
-    out = extract_features(to_uint8(smooth_images(3)), extractor)
+    out = extract_features(quantize(smooth_images(3)), extractor)
     assert out.shape == (3, tiny_clip.dim) and "tiny-random" in extractor.name
 
 
@@ -153,7 +153,7 @@ def test_inception_features_wiring_without_download(monkeypatch):
     monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     extractor = metrics.InceptionFeatures()
-    features = extract_features(to_uint8(smooth_images(2, size=64)), extractor)
+    features = extract_features(quantize(smooth_images(2, size=64)), extractor)
     assert features.shape == (2, 2048) and extractor.num_features == 2048
     assert "inception" in extractor.name
     with pytest.raises(TypeError, match="uint8"):

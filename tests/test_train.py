@@ -1,5 +1,6 @@
 """Training through its public entry points, on tiny synthetic data, on the CPU."""
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,9 @@ from helpers.train import (
     Trainer,
     TrainingDiverged,
     apply_overrides,
+    plot_loss_curves,
     pseudo_text_features,
+    run_config,
     train,
     train_preset,
 )
@@ -304,3 +307,71 @@ def test_prune_snapshots_keeps_the_newest(tmp_path):
     removed = prune_snapshots(tmp_path, 2)
     assert [p.name for p in removed] == ["step_0000001.pt", "step_0000002.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "step_0000003.pt", "step_0000004.pt"]
+
+
+# --------------------------------------------------------------------------- contracts
+
+
+class PooledDiscriminator(torch.nn.Module):
+    """Another discriminator behind the same interface: features(), then heads() returning one DiscOutput."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 16))
+        self.uncond, self.align = torch.nn.Linear(16, 1), torch.nn.Linear(16, cfg.text_dim)
+        self.cond = torch.nn.Bilinear(16, cfg.cond_dim, 1)
+
+    def features(self, images):
+        return self.trunk(images)
+
+    def heads(self, features, condition=None, *, mismatched=None):
+        from helpers.network import DiscOutput
+
+        def cond(c):
+            return None if c is None else self.cond(features, c.to(features.dtype)).squeeze(1)
+
+        return DiscOutput(self.uncond(features).squeeze(1), cond(condition), self.align(features), cond(mismatched))
+
+
+def test_a_discriminator_with_the_interface_trains_without_other_changes(trainer_and_batch, tiny_clip):
+    _, batch = trainer_and_batch
+    trainer = Trainer(tiny_config(mode_seeking_weight=1.0), clip=tiny_clip)
+    trainer.D = torch.nn.ModuleList([PooledDiscriminator(trainer.cfg.model) for _ in trainer.D])
+    trainer.opt_D = [torch.optim.Adam(d.parameters(), lr=1e-3) for d in trainer.D]
+    before = [p.clone() for p in trainer.D.parameters()]
+    values = trainer.train_step(batch)
+    assert all(math.isfinite(v) for v in values.values())
+    assert {"loss/d/stage1/align", "loss/g/stage0/adv", "loss/g/mode_seeking"} <= set(values)
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.D.parameters()))  # every D learned
+
+
+def test_metric_names_are_hierarchical_and_the_loss_plot_draws_every_term(tmp_path):
+    from helpers.run_folder import loss_panels, metric_name, read_metrics
+
+    row = {"step": 1, "loss/d": 1.0, "loss/d/stage0": 1.0, "loss/d/stage0/cond": 0.5, "loss/g": 2.0,
+           "loss/g/kl": 0.1, "loss/g/mode_seeking": 0.3, "loss/g/stage0": 1.5, "loss/g/stage0/clip": 0.2,
+           "perf/images_per_s": 9.0}
+    panels = loss_panels(list(row))
+    assert panels == {"loss": ["loss/d", "loss/g"], "loss/d": ["loss/d/stage0"], "loss/d/stage0": ["loss/d/stage0/cond"],
+                      "loss/g": ["loss/g/kl", "loss/g/mode_seeking", "loss/g/stage0"],
+                      "loss/g/stage0": ["loss/g/stage0/clip"]}
+    assert sorted(k for keys in panels.values() for k in keys) == sorted(k for k in row if k.startswith("loss/"))
+    assert plot_loss_curves([row, {**row, "step": 2}], tmp_path / "curves.png").stat().st_size > 0
+    # a run from before the names were hierarchical reads with today's names (a resume mixes both)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "d_loss": 1.0, "d0_cond": 0.5, "g1": 2.0, "g0_clip": 0.2, "kl": 0.1, "mode_seeking": 0.3,
+         "images_per_s": 9.0, "epoch": 0}) + "\n")
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{
+        "step": 1, "loss/d": 1.0, "loss/d/stage0/cond": 0.5, "loss/g/stage1": 2.0, "loss/g/stage0/clip": 0.2,
+        "loss/g/kl": 0.1, "loss/g/mode_seeking": 0.3, "perf/images_per_s": 9.0, "epoch": 0}]
+    assert metric_name("loss/d") == "loss/d"
+
+
+def test_run_config_is_the_one_precedence_rule():
+    saved = tiny_config(steps=2, lr_g=1e-4)
+    assert run_config(None, {"steps": 5}) == apply_overrides(train_preset("demo"), {"steps": 5})  # a new run
+    named = dataclasses.replace(saved, lr_g=5e-4, mirror_dir="drive")  # a preset named again, with other rates
+    resumed = run_config(named, {"steps": 5}, saved=saved)
+    assert (resumed.steps, resumed.lr_g, resumed.mirror_dir) == (5, 1e-4, None)  # compared, never adopted
+    with pytest.raises(UserError, match=r"batch_size: checkpoint 4, asked 8"):
+        run_config(None, ["batch_size=8"], saved=saved)

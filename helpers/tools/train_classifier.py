@@ -22,12 +22,13 @@ from torch import Tensor
 
 from ..attributes import CLASSIFIER_KIND, DEFAULT_PATH, INPUT_SIZE, AttributeClassifier, attribute_accuracy, to_tensor
 from ..checkpoint import CHECKPOINT_FORMAT
+from ..config import stage_resolutions
 from ..files import atomic_save
 from ..toyfaces import TOY_ATTRIBUTES, toy_face
 
 TRAIN_SEED_OFFSET = 10_000  # toy faces for training come from toy seed 10_000 + seed ...
 HELDOUT_SEED_OFFSET = 20_000  # ... and held-out ones from 20_000 + seed (never the dataset's seed 0)
-RESOLUTIONS = (64, 128, 256)
+RESOLUTIONS = tuple(stage_resolutions())  # every stage's size: 64, 128, 256 px
 
 
 def toyface_arrays(n: int, *, seed: int, size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -62,18 +63,20 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
 def evaluate_resolutions(
     classifier: AttributeClassifier, *, n: int, seed: int, on_progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
-    """Accuracy on ``n`` held-out faces (toy seed ``HELDOUT_SEED_OFFSET + seed``) at 64, 128 and
-    256 px: the 256 px image as drawn, 128 by 2x2 box averaging, 64 by Lanczos resizing (a filter
-    the model's area downsampling never saw). Returns {resolution: attribute_accuracy dict}."""
+    """Accuracy on ``n`` held-out faces (toy seed ``HELDOUT_SEED_OFFSET + seed``) at every stage's
+    size: the image as drawn (256 px), half that by 2x2 box averaging (128), smaller sizes by
+    Lanczos resizing (64: a filter the model's area downsampling never saw). Returns
+    {resolution: attribute_accuracy dict}."""
     from PIL import Image
 
     arrays: dict[int, list[np.ndarray]] = {r: [] for r in RESOLUTIONS}
     labels = []
     for i in range(n):
         image, attributes, _ = toy_face(HELDOUT_SEED_OFFSET + seed, i)
-        arrays[256].append(np.asarray(image))
-        arrays[128].append(np.asarray(image.reduce(2)))
-        arrays[64].append(np.asarray(image.resize((64, 64), Image.LANCZOS)))
+        for r in RESOLUTIONS:
+            shown = image if r == image.width else image.reduce(2) if 2 * r == image.width else (
+                image.resize((r, r), Image.LANCZOS))
+            arrays[r].append(np.asarray(shown))
         labels.append([attributes[a] for a in TOY_ATTRIBUTES])
         if on_progress is not None:
             on_progress(i + 1, n)
