@@ -18,7 +18,7 @@ in one of these dicts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,14 @@ if TYPE_CHECKING:
     from .network import DiscOutput
 
 Contrast = Callable[[Tensor, Tensor], Tensor]  # (image-side embedding [B, D], text feature [B, D]) -> InfoNCE scalar
+
+
+class LossWeights(Protocol):
+    """The weights the stage losses read (``train_config.TrainConfig`` has them, one field each)."""
+
+    uncond_weight: float  # unconditional real/fake terms (0: off)
+    align_weight: float  # gamma: D's alignment InfoNCE (0: off)
+    clip_weight: float  # lambda: the CLIP InfoNCE on generated images
 
 
 def _bce(logits: Tensor, target: float) -> Tensor:
@@ -111,7 +119,7 @@ def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tenso
 
 
 def d_stage_losses(
-    real: DiscOutput, fake: DiscOutput, text: Tensor, *, uncond_weight: float, align_weight: float, contrast: Contrast,
+    real: DiscOutput, fake: DiscOutput, text: Tensor, *, weights: LossWeights, contrast: Contrast,
 ) -> dict[str, Tensor]:
     """One discriminator's loss terms for a step.
 
@@ -123,19 +131,18 @@ def d_stage_losses(
     """
     terms = dict(cond=d_adversarial_loss(real.cond, fake.cond, real.mismatched))
     total = terms["cond"]
-    if uncond_weight > 0:
+    if weights.uncond_weight > 0:
         terms["uncond"] = d_adversarial_loss(real.uncond, fake.uncond)
-        total = total + uncond_weight * terms["uncond"]
-    if align_weight > 0:
+        total = total + weights.uncond_weight * terms["uncond"]
+    if weights.align_weight > 0:
         terms["align"] = contrast(real.align, text)
-        total = total + align_weight * terms["align"]
+        total = total + weights.align_weight * terms["align"]
     terms["total"] = total
     return terms
 
 
 def g_stage_losses(
-    fake: DiscOutput, text: Tensor, *, uncond_weight: float, align_weight: float, contrast: Contrast,
-    clip_embedding: Tensor | None = None, clip_weight: float = 0.0,
+    fake: DiscOutput, text: Tensor, *, weights: LossWeights, contrast: Contrast, clip_embedding: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The generator's loss terms at one stage.
 
@@ -146,15 +153,15 @@ def g_stage_losses(
     > 0), ``clip`` (when an embedding is given), and ``total``, their weighted sum.
     """
     adv = g_adversarial_loss(fake.cond)
-    if uncond_weight > 0:
-        adv = adv + uncond_weight * g_adversarial_loss(fake.uncond)
+    if weights.uncond_weight > 0:
+        adv = adv + weights.uncond_weight * g_adversarial_loss(fake.uncond)
     terms = dict(adv=adv)
     total = adv
-    if align_weight > 0:
+    if weights.align_weight > 0:
         terms["align"] = contrast(fake.align, text)
-        total = total + align_weight * terms["align"]
+        total = total + weights.align_weight * terms["align"]
     if clip_embedding is not None:
         terms["clip"] = contrast(clip_embedding, text)
-        total = total + clip_weight * terms["clip"]
+        total = total + weights.clip_weight * terms["clip"]
     terms["total"] = total
     return terms

@@ -231,7 +231,6 @@ class Trainer:
         if cfg.mismatch:
             with torch.no_grad():
                 mismatched = self.G.condition_mean(batch["mismatched"])
-        weights = dict(uncond_weight=cfg.uncond_weight, align_weight=cfg.align_weight, contrast=self._info_nce)
         terms: dict[str, Tensor] = {}
         for i, (disc, opt) in enumerate(zip(self.D, self.opt_D)):
             disc.requires_grad_(True)
@@ -240,7 +239,7 @@ class Trainer:
                 real = disc.heads(disc.features(self._augment(batch["real"][i])), condition, mismatched=mismatched)
                 # detached: the D loss must not backpropagate into G (and G's graph stays for the G step)
                 fake = disc.heads(disc.features(self._augment(fakes.images[i].detach())), condition)
-                stage = losses.d_stage_losses(real, fake, batch["text"], **weights)
+                stage = losses.d_stage_losses(real, fake, batch["text"], weights=cfg, contrast=self._info_nce)
             self._backward(stage["total"])
             terms.update({loss_name("d", i, k) if k != "total" else loss_name("d", i): v for k, v in stage.items()})
         terms[D_LOSS] = sum(terms[loss_name("d", i)] for i in range(len(self.D)))
@@ -255,14 +254,13 @@ class Trainer:
         condition = fakes.mu.detach().float()  # D's condition is a label: G must not move it to fool D
         self.D.requires_grad_(False)  # no weight gradients for D in G's backward
         self.opt_G.zero_grad(set_to_none=True)
-        weights = dict(uncond_weight=cfg.uncond_weight, align_weight=cfg.align_weight, contrast=self._info_nce)
         terms: dict[str, Tensor] = {}
         with self.autocast():
             for i, disc in enumerate(self.D):
                 fake = disc.heads(disc.features(self._augment(fakes.images[i])), condition)
                 clip_emb = self.clip.embed_generated(fakes.images[i]) if i in self.clip_stages else None
-                stage = losses.g_stage_losses(fake, batch["text"], clip_embedding=clip_emb, clip_weight=cfg.clip_weight,
-                                              **weights)
+                stage = losses.g_stage_losses(fake, batch["text"], weights=cfg, contrast=self._info_nce,
+                                              clip_embedding=clip_emb)
                 terms.update({loss_name("g", i, k) if k != "total" else loss_name("g", i): v for k, v in stage.items()})
             total = sum(terms[loss_name("g", i)] for i in range(len(self.D)))
             terms[loss_name("g", "kl")] = losses.kl_loss(fakes.mu, fakes.logvar)

@@ -1,6 +1,7 @@
 """Loss functions on known inputs."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,17 +132,18 @@ def test_stage_losses_assemble_the_terms_with_their_weights():
     def contrast(a, b):
         return losses.info_nce(a, b, temperature=0.1)
 
-    d = losses.d_stage_losses(aligned, DiscOutput(-big, -big, text), text, uncond_weight=2.0, align_weight=5.0,
-                              contrast=contrast)
+    def weights(uncond, align, clip=0.0):
+        return SimpleNamespace(uncond_weight=uncond, align_weight=align, clip_weight=clip)
+
+    d = losses.d_stage_losses(aligned, DiscOutput(-big, -big, text), text, weights=weights(2.0, 5.0), contrast=contrast)
     assert set(d) == {"cond", "uncond", "align", "total"}
     assert d["cond"].item() == pytest.approx(0.0, abs=1e-6) and d["uncond"].item() == pytest.approx(0.0, abs=1e-6)
     assert d["total"].item() == pytest.approx(d["cond"].item() + 2 * d["uncond"].item() + 5 * d["align"].item())
-    off = losses.d_stage_losses(fooled, fooled, text, uncond_weight=0.0, align_weight=0.0, contrast=contrast)
+    off = losses.d_stage_losses(fooled, fooled, text, weights=weights(0.0, 0.0), contrast=contrast)
     assert set(off) == {"cond", "total"} and off["cond"].item() == pytest.approx(2 * math.log(2))  # no mismatched
 
-    g = losses.g_stage_losses(fooled, text, uncond_weight=1.0, align_weight=0.0, contrast=contrast,
-                              clip_embedding=text, clip_weight=10.0)
+    g = losses.g_stage_losses(fooled, text, weights=weights(1.0, 0.0, 10.0), contrast=contrast, clip_embedding=text)
     assert set(g) == {"adv", "clip", "total"}
     assert g["adv"].item() == pytest.approx(2 * math.log(2))  # conditional + unconditional at logit 0
     assert g["total"].item() == pytest.approx(g["adv"].item() + 10 * g["clip"].item())
-    assert "clip" not in losses.g_stage_losses(fooled, text, uncond_weight=1.0, align_weight=1.0, contrast=contrast)
+    assert "clip" not in losses.g_stage_losses(fooled, text, weights=weights(1.0, 1.0, 10.0), contrast=contrast)
