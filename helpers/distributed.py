@@ -33,7 +33,7 @@ DistributedDataParallel, DDP):
 
 Why gradients are averaged at the optimiser step instead of wrapping the models
 in ``DistributedDataParallel``: the trainer calls the discriminator's parts
-directly (``features`` on the real and on the fake batch, then several heads)
+directly (``features`` on the real and on the fake batch, then ``heads`` on each)
 and runs G's step through D with D's weights frozen. DDP expects one
 ``forward()`` of the wrapped module per backward and fixed ``requires_grad``
 flags, so it would need a wrapper module rewriting both halves of the step.

@@ -270,8 +270,10 @@ class Discriminator(nn.Module):
     trunk: 4 stride-2 convs -> [B, 8nd, H/16, W/16];
     prior: ``stage`` stride-2 convs doubling channels down to 4x4, then ``stage``
            3x3 convs halving them back -> [B, 8nd, 4, 4] (the reference's layout);
-    heads on those features: unconditional logit, conditional logit (condition
-    tiled and concatenated), alignment embedding (image features only).
+    heads on those features (``heads``, one ``DiscOutput``): unconditional logit,
+    conditional logit (condition tiled and concatenated; also for a mismatched
+    condition when given), alignment embedding (image features only).
+    A ``StageDiscriminator``: the trainer calls ``features`` and ``heads`` only.
     """
 
     def __init__(self, cfg: ModelConfig, stage: int) -> None:
