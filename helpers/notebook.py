@@ -237,7 +237,8 @@ def train_config(cfg: NotebookConfig, **overrides: Any):
     return train_preset(cfg.preset, **overrides)
 
 
-RERUN_FIELDS = ("steps", "epochs", "mirror_dir", "log_every", "preview_every", "checkpoint_every")  # a rerun may change these
+# the form fields a rerun passes on (a subset of train_config.RESUMABLE, which resume_config enforces)
+RERUN_FIELDS = ("steps", "epochs", "mirror_dir", "log_every", "preview_every", "checkpoint_every")
 
 
 def training_arguments(cfg: NotebookConfig, train_cfg: Any) -> dict[str, Any]:

@@ -243,3 +243,9 @@ def test_training_arguments_resume_a_run_that_has_a_checkpoint(tmp_path):
     args = nb.training_arguments(cfg, train_cfg)
     assert args["resume"] is True and args["config"] is None  # the checkpoint's own config
     assert args["overrides"]["epochs"] == 3 and args["overrides"]["mirror_dir"] == str(cfg.mirror_dir)
+
+
+def test_a_rerun_passes_on_only_what_a_resume_may_change():
+    from helpers.train_config import RESUMABLE
+
+    assert set(nb.RERUN_FIELDS) <= set(RESUMABLE)
