@@ -180,9 +180,8 @@ def train(
     if resume:
         mirror = (config.mirror_dir if config else None) or parse_overrides(overrides).get("mirror_dir")
         saved = read_training_checkpoint(find_resume_checkpoint(run_dir, resume, mirror))
-    elif RunFolder(run_dir).latest.is_file():
-        raise UserError(f"{run_dir} already holds a run ({RunFolder(run_dir).latest}); resume it with --resume "
-                        "or choose another --out")
+    elif (latest := RunFolder(run_dir).latest).is_file():
+        raise UserError(f"{run_dir} already holds a run ({latest}); resume it with --resume or choose another --out")
     # Everything is checked before the run folder is made: a bad input leaves no half-made run behind.
     cfg = run_config(config, overrides, saved=saved.config if saved else None)
     cfg, dataset, clip = _data_and_clip(features, cfg, saved, clip, device)
