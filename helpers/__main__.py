@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("helpers.tools.build_demo", "rebuild the embedded demo (toy faces, demo CLIP, demo generator) into assets/"),
     "toyfaces": ("helpers.toyfaces", "draw a captioned toy-face image folder (images, captions, attributes.csv)"),
     "train-classifier": ("helpers.tools.train_classifier", "retrain the toy-face attribute classifier from scratch (assets/)"),
+    "quality": ("helpers.tools.quality", "train variants of the recipe on toy faces and measure what each learns"),
     "bench": ("helpers.tools.bench", "measure sampling, training and loading speed against this machine's matmul rate"),
 }
 

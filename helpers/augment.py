@@ -71,6 +71,24 @@ def rand_cutout(x: Tensor, generator: torch.Generator | None = None, *, ratio: f
     return x * mask.unsqueeze(1)
 
 
+def random_resized_crop(x: Tensor, generator: torch.Generator | None = None, *, min_scale: float = 0.8) -> Tensor:
+    """A random square crop of each image (side ``min_scale``..1 of the image, anywhere inside it),
+    resized back to the image's size (bilinear): [B, C, H, W] -> same shape, differentiable.
+
+    LAFITE augments generated images this way before its CLIP loss, so the generator cannot
+    fit the frozen CLIP's response to exact pixel positions.
+    """
+    B = x.shape[0]
+    scale = min_scale + (1 - min_scale) * _rand(x, generator).view(B, 1)  # [B, 1] crop side / image side
+    where = torch.cat([_rand(x, generator).view(B, 1), _rand(x, generator).view(B, 1)], dim=1)
+    shift = (1 - scale) * (2 * where - 1)  # [B, 2] crop centre in [-(1 - s), 1 - s]: the crop stays inside
+    scale = scale.view(B)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=torch.float32)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 POLICIES: dict[str, list[Augmentation]] = {
     "color": [rand_brightness, rand_saturation, rand_contrast],
     "translation": [rand_translation],

@@ -8,7 +8,9 @@ network widths. Presets:
 - ``faces``: the reference sizes of the bootcamp project (StackGAN++ family,
   CLIP ViT-B/32 text features): Ng=1024, Nd=64, text 512, z 100, condition 128,
   three stages (64/128/256 px). Generator about 15.4M parameters.
-- ``demo``: a small model that trains on two CPU cores (the embedded demo).
+- ``demo``: a small model that trains on two CPU cores (the embedded demo);
+- ``reference``: the bootcamp's network as it was, kept for comparison whatever
+  ``faces`` adopts (every recipe switch at its reference value).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def check_num_stages(num_stages: int) -> None:
         raise ValueError(f"num_stages must be one of {describe_stages()} (the last stage's size), got {num_stages}")
 
 
+UPSAMPLE_MODES = ("deconv", "nearest", "nearest_glu")
+D_NORMS = ("batch", "none")
+
+
 @dataclass
 class ModelConfig:
     """Sizes of the generator and the discriminators."""
@@ -62,9 +68,20 @@ class ModelConfig:
     nd: int = 64  # discriminator base channels; trunk ends with 8 * nd
     num_stages: int = MAX_STAGES  # stages 1..MAX_STAGES: images at 64, 128, 256 px
     num_res_blocks: int = 2  # residual blocks in each stage after the first
+    # recipe switches (the reference values first; measured by `python -m helpers quality`)
+    upsample: str = "deconv"  # G's x2 upsampling: "deconv" (4x4 stride-2 transposed conv, reference),
+    #   "nearest" (nearest x2 + 3x3 conv) or "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block)
+    ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
+    d_norm: str = "batch"  # discriminator normalisation: "batch" (BatchNorm, reference) or "none"
+    d_spectral_norm: bool = False  # spectral normalisation of every discriminator convolution (Miyato et al.)
 
     def __post_init__(self) -> None:
         check_num_stages(self.num_stages)
+        for name, value, allowed in (("upsample", self.upsample, UPSAMPLE_MODES), ("d_norm", self.d_norm, D_NORMS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.ca_init_gain is not None and self.ca_init_gain <= 0:
+            raise ValueError(f"ca_init_gain must be positive (or None), got {self.ca_init_gain}")
         min_ng = 16 * 2 ** (self.num_stages - 1) * 2
         if self.ng < min_ng or self.ng % min_ng:
             raise ValueError(
@@ -108,11 +125,14 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "faces": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3),
     "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=256, nd=8, num_stages=3),
+    # the bootcamp's network exactly (its bugs fixed), every recipe switch at its reference value
+    "reference": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3, upsample="deconv",
+                      ca_init_gain=None, d_norm="batch", d_spectral_norm=False),
 }
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
-    """The ``faces`` or ``demo`` preset, with keyword overrides (e.g. ``text_dim=...``)."""
+    """The ``faces``, ``demo`` or ``reference`` preset, with keyword overrides (e.g. ``text_dim=...``)."""
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     return ModelConfig(**{**MODEL_PRESETS[name], **overrides})

@@ -34,6 +34,7 @@ class LossWeights(Protocol):
     """The weights the stage losses read (``train_config.TrainConfig`` has them, one field each)."""
 
     uncond_weight: float  # unconditional real/fake terms (0: off)
+    r1_weight: float  # gamma of the R1 penalty on real images (0: off)
     align_weight: float  # gamma: D's alignment InfoNCE (0: off)
     clip_weight: float  # lambda: the CLIP InfoNCE on generated images
 
@@ -120,14 +121,16 @@ def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tenso
 
 def d_stage_losses(
     real: DiscOutput, fake: DiscOutput, text: Tensor, *, weights: LossWeights, contrast: Contrast,
+    r1: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """One discriminator's loss terms for a step.
 
     real: the heads on real images (``cond`` for their own condition, ``mismatched``
     for another sample's, or None to leave StackGAN's mismatched term out);
     fake: the heads on the detached fakes. text [B, D]: the real images' text
-    features, for the alignment InfoNCE (``contrast``). Terms: ``cond`` (always),
-    ``uncond`` (weight > 0), ``align`` (weight > 0), and ``total``, their weighted sum.
+    features, for the alignment InfoNCE (``contrast``); r1: ``r1_penalty`` of the real
+    batch, or None. Terms: ``cond`` (always), ``uncond`` (weight > 0), ``align`` (weight > 0),
+    ``r1`` (when given, weighted gamma / 2), and ``total``, their weighted sum.
     """
     terms = dict(cond=d_adversarial_loss(real.cond, fake.cond, real.mismatched))
     total = terms["cond"]
@@ -137,8 +140,21 @@ def d_stage_losses(
     if weights.align_weight > 0:
         terms["align"] = contrast(real.align, text)
         total = total + weights.align_weight * terms["align"]
+    if r1 is not None:
+        terms["r1"] = r1
+        total = total + 0.5 * weights.r1_weight * r1
     terms["total"] = total
     return terms
+
+
+def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): mean over the batch of |d sum(real_logits) / d real_images|^2.
+
+    real_logits [B] computed from real_images [B, 3, H, W] (which require grad); the
+    graph is kept, so the penalty itself can be backpropagated into D's weights.
+    """
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
 
 
 def g_stage_losses(

@@ -38,14 +38,27 @@ def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
 
 
 class UpBlock(nn.Sequential):
-    """[B, in_ch, H, W] -> [B, out_ch, 2H, 2W]: transposed conv, BatchNorm, ReLU."""
+    """[B, in_ch, H, W] -> [B, out_ch, 2H, 2W], by ``mode``:
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__(
-            nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        )
+    - ``deconv``: 4x4 stride-2 transposed conv, BatchNorm, ReLU (the reference; its uneven
+      kernel overlap leaves a periodic pattern, Odena et al. 2016);
+    - ``nearest``: nearest-neighbour x2, 3x3 conv, BatchNorm, ReLU;
+    - ``nearest_glu``: nearest x2, 3x3 conv to 2 * out_ch, BatchNorm, GLU (StackGAN-v2's up-block).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, mode: str = "deconv") -> None:
+        if mode == "deconv":
+            layers: list[nn.Module] = [
+                nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+        elif mode in ("nearest", "nearest_glu"):
+            glu = mode == "nearest_glu"
+            width = 2 * out_ch if glu else out_ch
+            layers = [nn.Upsample(scale_factor=2, mode="nearest"), conv3x3(in_ch, width), nn.BatchNorm2d(width),
+                      nn.GLU(dim=1) if glu else nn.ReLU(inplace=True)]
+        else:
+            raise ValueError(f"unknown upsampling mode {mode!r}")
+        super().__init__(*layers)
 
 
 class ResBlock(nn.Module):
@@ -118,7 +131,7 @@ class ConditioningAugmentation(nn.Module):
 class InitStage(nn.Module):
     """Stage 1: [condition, z] -> linear -> [B, ng, 4, 4] -> 4 x UpBlock -> [B, ng/16, 64, 64]."""
 
-    def __init__(self, in_dim: int, ng: int) -> None:
+    def __init__(self, in_dim: int, ng: int, upsample: str = "deconv") -> None:
         super().__init__()
         self.ng = ng
         self.fc = nn.Sequential(
@@ -126,7 +139,7 @@ class InitStage(nn.Module):
             nn.BatchNorm1d(ng * 4 * 4),
             nn.ReLU(inplace=True),
         )
-        self.up = nn.Sequential(*[UpBlock(ng // 2**i, ng // 2 ** (i + 1)) for i in range(4)])
+        self.up = nn.Sequential(*[UpBlock(ng // 2**i, ng // 2 ** (i + 1), upsample) for i in range(4)])
 
     def forward(self, condition: Tensor, z: Tensor) -> Tensor:
         x = self.fc(torch.cat([condition, z], dim=1)).view(-1, self.ng, 4, 4)
@@ -140,13 +153,13 @@ class NextStage(nn.Module):
     refined by residual blocks, then upsampled x2.
     """
 
-    def __init__(self, channels: int, cond_dim: int, num_res_blocks: int) -> None:
+    def __init__(self, channels: int, cond_dim: int, num_res_blocks: int, upsample: str = "deconv") -> None:
         super().__init__()
         self.join = nn.Sequential(
             conv3x3(channels + cond_dim, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
         )
         self.res = nn.Sequential(*[ResBlock(channels) for _ in range(num_res_blocks)])
-        self.up = UpBlock(channels, channels // 2)
+        self.up = UpBlock(channels, channels // 2, upsample)
 
     def forward(self, features: Tensor, condition: Tensor) -> Tensor:
         # join(cat[tile(c), x]) computed as conv(x) + conv(tile(c)): the second term is
@@ -187,8 +200,8 @@ class Generator(nn.Module):
         self.cfg = cfg
         self.ca = ConditioningAugmentation(cfg.text_dim, cfg.cond_dim)
         channels = cfg.stage_channels  # e.g. [64, 32, 16] for ng = 1024
-        stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng)]
-        stages += [NextStage(c, cfg.cond_dim, cfg.num_res_blocks) for c in channels[:-1]]
+        stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng, cfg.upsample)]
+        stages += [NextStage(c, cfg.cond_dim, cfg.num_res_blocks, cfg.upsample) for c in channels[:-1]]
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList([ImageHead(c) for c in channels])
 
@@ -234,9 +247,13 @@ def down_block(in_ch: int, out_ch: int, *, norm: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def same_block(in_ch: int, out_ch: int) -> nn.Sequential:
+def same_block(in_ch: int, out_ch: int, *, norm: bool = True) -> nn.Sequential:
     """[B, in_ch, H, W] -> [B, out_ch, H, W]: 3x3 conv, BatchNorm, LeakyReLU."""
-    return nn.Sequential(conv3x3(in_ch, out_ch), nn.BatchNorm2d(out_ch), nn.LeakyReLU(LEAK, inplace=True))
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not norm)]
+    if norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.LeakyReLU(LEAK, inplace=True))
+    return nn.Sequential(*layers)
 
 
 class DiscOutput(NamedTuple):
@@ -280,26 +297,27 @@ class Discriminator(nn.Module):
         super().__init__()
         if not 0 <= stage < cfg.num_stages:
             raise ValueError(f"stage must be in [0, {cfg.num_stages}), got {stage}")
-        nd, top = cfg.nd, 8 * cfg.nd
+        nd, top, norm = cfg.nd, 8 * cfg.nd, cfg.d_norm == "batch"
         self.resolution = stage_resolution(stage)
         self.trunk = nn.Sequential(
             down_block(3, nd, norm=False),
-            down_block(nd, 2 * nd),
-            down_block(2 * nd, 4 * nd),
-            down_block(4 * nd, top),
+            down_block(nd, 2 * nd, norm=norm),
+            down_block(2 * nd, 4 * nd, norm=norm),
+            down_block(4 * nd, top, norm=norm),
         )
         widths = [top * 2**i for i in range(stage + 1)]  # e.g. 512, 1024, 2048
-        prior = [down_block(a, b) for a, b in zip(widths[:-1], widths[1:])]
-        prior += [same_block(a, b) for a, b in zip(widths[:0:-1], widths[-2::-1])]
+        prior = [down_block(a, b, norm=norm) for a, b in zip(widths[:-1], widths[1:])]
+        prior += [same_block(a, b, norm=norm) for a, b in zip(widths[:0:-1], widths[-2::-1])]
         self.prior = nn.Sequential(*prior)
         self.uncond_head = nn.Conv2d(top, 1, kernel_size=4, stride=4)
-        self.cond_head = nn.Sequential(same_block(top + cfg.cond_dim, top), nn.Conv2d(top, 1, 4, stride=4))
+        self.cond_head = nn.Sequential(same_block(top + cfg.cond_dim, top, norm=norm), nn.Conv2d(top, 1, 4, stride=4))
         self.align_head = nn.Sequential(
-            nn.Conv2d(top, top, kernel_size=3, bias=False),  # 4x4 -> 2x2
-            nn.BatchNorm2d(top),
+            nn.Conv2d(top, top, kernel_size=3, bias=not norm),  # 4x4 -> 2x2
+            nn.BatchNorm2d(top) if norm else nn.Identity(),
             nn.SiLU(inplace=True),
             nn.Conv2d(top, cfg.text_dim, kernel_size=2, stride=2),  # 2x2 -> 1x1
         )
+
 
     def features(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [-1, 1] -> features [B, 8nd, 4, 4]."""
@@ -361,6 +379,12 @@ def build_models(cfg: ModelConfig, *, seed: int | None = None) -> tuple[Generato
         discriminators = build_discriminators(cfg)
         generator.apply(init_weights)
         discriminators.apply(init_weights)
+        if cfg.ca_init_gain is not None:  # StackGAN-v2 initialises orthogonally: the text part of the condition
+            nn.init.orthogonal_(generator.ca.fc.weight, gain=cfg.ca_init_gain)  # is no longer ~2% of the noise's scale
+        if cfg.d_spectral_norm:  # after the init: the parametrisation divides the initialised weight by its norm
+            for module in discriminators.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(module)
     return generator, discriminators
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import distributed
@@ -282,7 +282,10 @@ def _loop(
             say(line if line.startswith("precision") else f"note: {line}", err=True)
     captions = load_preview_captions(cfg.preview_captions)
     preview_text = clip.encode_text(captions)
+    # fixed noise, both parts drawn as sampling draws them: z and the conditioning-augmentation noise
     preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    preview_ca = torch.randn(len(captions), cfg.model.cond_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    standing_text = _standing_text(dataset, cfg) if cfg.ema_standing_stats else None
     meta = dict(clip_spec=dataset.clip_spec, clip_identity=getattr(clip, "identity", None))
     previews: list[Path] = []
     # nothing to save before the first step of this call: an error then leaves no step-0 checkpoint behind
@@ -292,12 +295,15 @@ def _loop(
         return max(trainer.step - 1, 0) // steps_per_epoch
 
     def save(*, snapshot: bool) -> None:
-        run.save_checkpoint(cfg, trainer.state_dict(), snapshot=snapshot, epoch=epoch(), **meta)
+        state = trainer.state_dict()
+        if standing_text is not None and run.writer:  # G_ema's BatchNorm statistics for its own weights
+            state["G_ema"] = trainer.standing_ema_state(standing_text)
+        run.save_checkpoint(cfg, state, snapshot=snapshot, epoch=epoch(), **meta)
         state["saved_step"] = trainer.step
 
     def preview() -> None:
         if run.writer:
-            picture = preview_picture(trainer.preview(preview_text, preview_z), captions)
+            picture = preview_picture(trainer.preview(preview_text, preview_z, preview_ca), captions)
             previews.append(run.save_preview(trainer.step, picture))
             if on_sample is not None:
                 on_sample(trainer.step, picture, previews[-1])
@@ -354,6 +360,15 @@ def _loop(
     return TrainResult(run_dir=run.path, step=trainer.step, epoch=epoch(),
                        checkpoint=run.latest if run.latest.is_file() else None,
                        metrics=history[-1] if history else {}, history=history, previews=previews)
+
+
+def _standing_text(dataset: Any, cfg: TrainConfig) -> Tensor:
+    """``ema_standing_stats`` batches of caption features (the first caption of seeded random
+    training images; the image feature where there is none), the same at every save."""
+    n = min(len(dataset), cfg.ema_standing_stats * cfg.batch_size)
+    rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + 3))[:n]
+    has_caption = dataset.caption_counts[rows] > 0
+    return torch.where(has_caption[:, None], dataset.text_features[rows, 0], dataset.image_features[rows])
 
 
 def _interrupted(run: RunFolder, saved_step: int, step: int, *, half_done: bool) -> TrainingInterrupted:

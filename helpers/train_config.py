@@ -59,6 +59,12 @@ class TrainConfig:
     mirror_dir: str | None = None  # a second folder (e.g. Google Drive) that receives a copy of every write
     preview_captions: str | None = None  # text file, one caption per line; None: assets/preview_captions.txt
     sync_batchnorm: bool = False  # torchrun runs: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
+    # recipe switches (the reference values; measured by `python -m helpers quality`)
+    r1_weight: float = 0.0  # gamma of R1 (Mescheder et al. 2018; LAFITE): gamma/2 * |grad of D(real)|^2 (0: off)
+    clip_augment: bool = False  # random crops and resizes of fakes before the CLIP loss (LAFITE): no frozen-CLIP shortcuts
+    d_batches: str = "separate"  # D's BatchNorm sees real and fake "separate"ly (reference) or as one "joint" batch
+    ema_standing_stats: int = 0  # batches of text features that recompute G_ema's BatchNorm statistics for its
+    #   weights before every save (0: G's statistics, copied, as the reference)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -73,6 +79,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.d_batches not in ("separate", "joint"):
+            raise ValueError(f"d_batches must be 'separate' or 'joint', got {self.d_batches!r}")
+        if self.r1_weight < 0 or self.ema_standing_stats < 0:
+            raise ValueError("r1_weight and ema_standing_stats must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         n = self.model.num_stages
@@ -98,6 +108,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         batch_size=24, epochs=10, amp=True, channels_last=True,
         preview_every=500, checkpoint_every=500, snapshot_every=5000,
     ),
+    # the bootcamp's recipe as it was (batch 24, Adam 2e-4, tau 0.5, no regularisation), kept for comparison
+    "reference": dict(
+        batch_size=24, epochs=10, amp=True, channels_last=True, preview_every=500, checkpoint_every=500,
+        snapshot_every=5000, temperature=0.5, r1_weight=0.0, clip_augment=False, d_batches="separate",
+        ema_standing_stats=0,
+    ),
     # a small model that trains in minutes on a CPU (the embedded demo, toy faces)
     "demo": dict(
         batch_size=16, steps=2000, diffaugment="color,translation,cutout",
@@ -107,7 +123,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def train_preset(name: str, **overrides: Any) -> TrainConfig:
-    """The ``faces`` or ``demo`` training preset (with its model preset), with keyword overrides."""
+    """The ``faces``, ``demo`` or ``reference`` training preset (with its model preset), with keyword overrides."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
     values: dict[str, Any] = dict(model=model_preset(name), preset=name, **TRAIN_PRESETS[name])

@@ -35,10 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from .augment import diff_augment
+from .augment import diff_augment, random_resized_crop
 from .devices import amp_dtype, precision_line
 from .errors import UserError
-from .network import Generator, build_models
+from .network import DiscOutput, Generator, build_models
 from .train_config import TrainConfig
 
 D_LOSS, G_LOSS = "loss/d", "loss/g"  # the weighted totals of the two halves of a step
@@ -236,10 +236,14 @@ class Trainer:
             disc.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
             with self.autocast():
-                real = disc.heads(disc.features(self._augment(batch["real"][i])), condition, mismatched=mismatched)
+                real_in = self._augment(batch["real"][i])
+                if cfg.r1_weight > 0:  # R1 differentiates D's verdict on the real images with respect to them
+                    real_in = real_in.detach().requires_grad_(True)
                 # detached: the D loss must not backpropagate into G (and G's graph stays for the G step)
-                fake = disc.heads(disc.features(self._augment(fakes.images[i].detach())), condition)
-                stage = losses.d_stage_losses(real, fake, batch["text"], weights=cfg, contrast=self._info_nce)
+                fake_in = self._augment(fakes.images[i].detach())
+                real, fake = self._judge(disc, real_in, fake_in, condition, mismatched)
+                r1 = losses.r1_penalty(real.uncond + real.cond, real_in) if cfg.r1_weight > 0 else None
+                stage = losses.d_stage_losses(real, fake, batch["text"], weights=cfg, contrast=self._info_nce, r1=r1)
             self._backward(stage["total"])
             terms.update({loss_name("d", i, k) if k != "total" else loss_name("d", i): v for k, v in stage.items()})
         terms[D_LOSS] = sum(terms[loss_name("d", i)] for i in range(len(self.D)))
@@ -247,6 +251,20 @@ class Trainer:
         for opt in self.opt_D:
             self._step(opt)
         return values
+
+    def _judge(
+        self, disc: nn.Module, real: Tensor, fake: Tensor, condition: Tensor, mismatched: Tensor | None,
+    ) -> tuple[DiscOutput, DiscOutput]:
+        """D's heads on the real and on the fake batch: separately (the reference), or as one batch
+        (``d_batches="joint"``: BatchNorm then normalises real and fake with the same statistics)."""
+        if self.cfg.d_batches == "separate":
+            return disc.heads(disc.features(real), condition, mismatched=mismatched), disc.heads(disc.features(fake), condition)
+        B = real.shape[0]
+        both = disc.heads(disc.features(torch.cat([real, fake])), torch.cat([condition, condition]),
+                          mismatched=None if mismatched is None else torch.cat([mismatched, mismatched]))
+        parts = [[None if t is None else t[:B] for t in both], [None if t is None else t[B:] for t in both]]
+        parts[1][3] = None  # a mismatched caption is a question about real images only
+        return DiscOutput(*parts[0]), DiscOutput(*parts[1])
 
     def g_step(self, batch: dict[str, Any], fakes: Fakes) -> dict[str, float]:
         """Update G once from the (non-detached) fakes of this step; returns its loss terms as floats."""
@@ -258,7 +276,10 @@ class Trainer:
         with self.autocast():
             for i, disc in enumerate(self.D):
                 fake = disc.heads(disc.features(self._augment(fakes.images[i])), condition)
-                clip_emb = self.clip.embed_generated(fakes.images[i]) if i in self.clip_stages else None
+                clip_emb = None
+                if i in self.clip_stages:
+                    shown = random_resized_crop(fakes.images[i], self.generator) if cfg.clip_augment else fakes.images[i]
+                    clip_emb = self.clip.embed_generated(shown)
                 stage = losses.g_stage_losses(fake, batch["text"], weights=cfg, contrast=self._info_nce,
                                               clip_embedding=clip_emb)
                 terms.update({loss_name("g", i, k) if k != "total" else loss_name("g", i): v for k, v in stage.items()})
@@ -294,12 +315,40 @@ class Trainer:
     # ----------------------------------------------------------------- previews and state
 
     @torch.no_grad()
-    def preview(self, text: Tensor, z: Tensor) -> list[Tensor]:
-        """G_ema in eval mode, condition = mu (no CA noise): text [N, D], z [N, z_dim] -> images per stage in [-1, 1]."""
+    def preview(self, text: Tensor, z: Tensor, ca_noise: Tensor | None = None) -> list[Tensor]:
+        """G_ema in eval mode: text [N, D], z [N, z_dim], ca_noise [N, cond_dim] (None: the mean
+        condition) -> images per stage in [-1, 1] (fp32, CPU)."""
         text, z = text.to(self.device, torch.float32), z.to(self.device, torch.float32)
-        ca_noise = torch.zeros(text.shape[0], self.cfg.model.cond_dim, device=self.device)
-        images, _, _ = self.G_ema.eval()(text, z, ca_noise)
+        if ca_noise is None:
+            ca_noise = torch.zeros(text.shape[0], self.cfg.model.cond_dim)
+        images, _, _ = self.G_ema.eval()(text, z, ca_noise.to(self.device, torch.float32))
         return [img.float().cpu() for img in images]
+
+    @torch.no_grad()
+    def standing_ema_state(self, text: Tensor) -> dict[str, Tensor]:
+        """G_ema's state dict with BatchNorm statistics recomputed for its own (averaged) weights.
+
+        text [N, D]: text features, run through a copy of G_ema in train mode in batches of
+        ``batch_size`` with noise from a generator seeded by the run's seed, so the same
+        text gives the same statistics. The trainer's own G_ema is not changed (its
+        statistics keep following G's, so training is the same with or without this).
+        """
+        ema = copy.deepcopy(self.G_ema)
+        norms = [m for m in ema.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        ema.train()
+        rng = torch.Generator(self.device).manual_seed(self.cfg.seed + 3)
+        for chunk in text.to(self.device, torch.float32).split(self.cfg.batch_size):
+            if chunk.shape[0] < 2:  # BatchNorm1d cannot take a batch of one
+                continue
+            z = torch.randn(chunk.shape[0], self.cfg.model.z_dim, generator=rng, device=self.device)
+            with self.autocast():
+                ema(chunk, z, generator=rng)
+        for m in norms:
+            m.momentum = 0.1
+        return {k: v.detach().clone() for k, v in ema.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Models, optimisers, scaler and RNG states (the checkpoint keys this object owns)."""

@@ -47,3 +47,15 @@ def test_unknown_policy_is_a_clear_error():
     assert parse_policy(" color , cutout ") == ["color", "cutout"]
     with pytest.raises(ValueError, match="unknown DiffAugment policy"):
         diff_augment(images(), "colour")
+
+
+def test_random_resized_crop_is_the_identity_at_full_scale_and_differentiable():
+    from helpers.augment import random_resized_crop
+
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(random_resized_crop(x, g, min_scale=1.0), x, atol=1e-5, rtol=0)
+    y = random_resized_crop(x, torch.Generator().manual_seed(1), min_scale=0.5)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

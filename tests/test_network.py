@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from helpers.config import ModelConfig, model_preset
 from helpers.network import (
@@ -176,3 +177,36 @@ def test_next_stage_equals_concatenate_then_join():
     x, c = torch.randn(3, 8, 16, 16), torch.randn(3, 5)
     expected = stage.up(stage.res(stage.join(torch.cat([tile(c, x), x], dim=1))))
     torch.testing.assert_close(stage(x, c), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- recipe switches
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest_glu"])
+def test_upsampling_modes_keep_the_shapes_and_fold_exactly(mode):
+    from helpers.network import fold_batchnorm
+
+    cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=2, upsample=mode)
+    G, _ = build_models(cfg, seed=0)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in G.modules())
+    text, z, eps = torch.nn.functional.normalize(torch.randn(3, 16), dim=1), torch.randn(3, 8), torch.randn(3, 8)
+    images, _, _ = G.eval()(text, z, eps)
+    assert [tuple(i.shape) for i in images] == [(3, 3, 64, 64), (3, 3, 128, 128)]
+    folded, _, _ = fold_batchnorm(G)(text, z, eps)
+    for a, b in zip(images, folded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_discriminator_switches_and_the_orthogonal_condition_init():
+    cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=2, d_norm="none",
+                      d_spectral_norm=True, ca_init_gain=1.0)
+    G, D = build_models(cfg, seed=0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)
+    w = G.ca.fc.weight  # [2 * cond_dim, text_dim] = [16, 16]: orthogonal
+    torch.testing.assert_close(w @ w.T, torch.eye(16), atol=1e-5, rtol=0)
+    out = D[1](torch.rand(2, 3, 128, 128) * 2 - 1, torch.randn(2, 8), mismatched=torch.randn(2, 8))
+    assert out.uncond.shape == out.cond.shape == out.mismatched.shape == (2,) and out.align.shape == (2, 16)
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        ModelConfig(upsample="pixelshuffle")

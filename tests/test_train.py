@@ -375,3 +375,67 @@ def test_run_config_is_the_one_precedence_rule():
     assert (resumed.steps, resumed.lr_g, resumed.mirror_dir) == (5, 1e-4, None)  # compared, never adopted
     with pytest.raises(UserError, match=r"batch_size: checkpoint 4, asked 8"):
         run_config(None, ["batch_size=8"], saved=saved)
+
+
+# --------------------------------------------------------------------------- recipe switches
+
+
+@pytest.mark.parametrize("switches", [
+    {"r1_weight": 1.0}, {"d_batches": "joint"}, {"clip_augment": True},
+], ids=["r1", "joint-batches", "clip-augment"])
+def test_recipe_switches_train_and_name_their_terms(trainer_and_batch, tiny_clip, switches):
+    _, batch = trainer_and_batch
+    trainer = Trainer(tiny_config(**switches), clip=tiny_clip)
+    values = trainer.train_step(batch)
+    assert all(math.isfinite(v) for v in values.values())
+    if "r1_weight" in switches:
+        assert values["loss/d/stage0/r1"] > 0 and values["loss/d/stage1/r1"] > 0
+        assert values["loss/d/stage0"] == pytest.approx(
+            values["loss/d/stage0/cond"] + values["loss/d/stage0/uncond"] + 5 * values["loss/d/stage0/align"]
+            + 0.5 * values["loss/d/stage0/r1"], rel=1e-5)
+    else:
+        assert "loss/d/stage0/r1" not in values
+
+
+def test_joint_batches_give_the_separate_verdicts_without_batchnorm(trainer_and_batch, tiny_clip):
+    """With BatchNorm out of the way, judging real and fake as one batch changes nothing else."""
+    from helpers.network import DiscOutput
+
+    cfg = tiny_config(model=ModelConfig(**TINY, d_norm="none"))
+    trainer = Trainer(cfg, clip=tiny_clip)
+    real, fake, c = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 8)
+    a = trainer._judge(trainer.D[0], real, fake, c, c.flip(0))
+    trainer.cfg = dataclasses.replace(cfg, d_batches="joint")
+    b = trainer._judge(trainer.D[0], real, fake, c, c.flip(0))
+    for verdicts in (a, b):  # (real, fake): the mismatched caption is asked of the real batch only
+        assert all(isinstance(v, DiscOutput) for v in verdicts)
+        assert verdicts[0].mismatched is not None and verdicts[1].mismatched is None
+    for x, y in zip(a, b):
+        for s, t in zip(x, y):
+            assert (s is None) == (t is None)
+            if s is not None:
+                torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-4)
+
+
+def test_standing_statistics_change_the_saved_ema_only(synthetic_features, tmp_path, tiny_clip):
+    plain = train(synthetic_features, tmp_path / "a", tiny_config(steps=2), clip=tiny_clip, progress=False)
+    standing = train(synthetic_features, tmp_path / "b", tiny_config(steps=2, ema_standing_stats=2), clip=tiny_clip,
+                     progress=False)
+    a, b = load_checkpoint(plain.checkpoint), load_checkpoint(standing.checkpoint)
+    for key in a["G"]:  # training is the same
+        torch.testing.assert_close(a["G"][key], b["G"][key])
+    means = [k for k in a["G_ema"] if k.endswith("running_mean")]
+    assert means and all(torch.equal(a["G_ema"][k], a["G"][k]) for k in means)  # copied from G
+    assert any(not torch.equal(b["G_ema"][k], b["G"][k]) for k in means)  # recomputed for G_ema's weights
+    for key in a["G_ema"]:
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(a["G_ema"][key], b["G_ema"][key])
+
+
+def test_the_reference_preset_keeps_the_bootcamp_recipe():
+    ref = train_preset("reference")
+    assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.d_norm, ref.model.d_spectral_norm) == (
+        "deconv", None, "batch", False)
+    assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats) == (
+        0.5, 0.0, False, "separate", 0)
+    assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..assets import ASSETS, DEMO_REPORT
+from .quality import measure_quality, pairwise_distance  # noqa: F401  (pairwise_distance: re-exported)
 from ..files import write_json
 
 DEMO_PROMPTS = (
@@ -189,103 +189,6 @@ def write_example_grid(generator_path: str | os.PathLike, out: str | os.PathLike
     out = Path(out)
     picture.save(out, optimize=True)
     return out
-
-
-def pairwise_distance(images: Tensor) -> float:
-    """Mean pairwise RMS pixel distance of images [N, 3, H, W] in [-1, 1] (N >= 2)."""
-    flat = images.flatten(1).double()
-    d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
-    n = len(flat)
-    return float(d.sum() / (n * (n - 1)))
-
-
-@torch.no_grad()
-def measure_quality(
-    checkpoint: str | os.PathLike | None,
-    features: str | os.PathLike,
-    *,
-    num_captions: int = 200,
-    seeds: int = 4,
-    seed: int = 0,
-    diversity_prompts: int = 20,
-    diversity_seeds: int = 8,
-) -> dict[str, Any]:
-    """Attribute accuracy and diversity of a generator trained on toy faces.
-
-    Accuracy: ``num_captions`` held-out captions (test split of ``features``, one
-    per image) x ``seeds`` seeds; every stage's images are judged by the toy faces
-    attribute classifier against the attributes of the caption's image (beside it,
-    the majority baseline: each attribute answered with its commonest value).
-    Diversity: for ``diversity_prompts`` held-out captions, the mean pairwise RMS
-    distance (64 px) between ``diversity_seeds`` generated images, divided by the
-    same distance between real toy faces that have exactly the caption's
-    attributes. About 1 means as varied as real faces; near 0 means mode collapse.
-    """
-    from ..attributes import attribute_accuracy, load_attribute_classifier
-    from ..features import FeaturesDataset, downsample, read_features
-    from ..sample import generate_from_features, load_generator
-    from ..toyfaces import TOY_ATTRIBUTES, iter_toyfaces
-
-    data = read_features(features)
-    attrs = data.get("attributes")
-    if attrs is None:
-        raise ValueError(f"{features} has no attributes: measure_quality needs toy faces features")
-    model = load_generator(checkpoint)
-    test = FeaturesDataset(features, split="test", num_stages=1)
-    if len(test) < 2:
-        raise ValueError("the features file needs a test split with at least 2 images")
-    names = list(attrs["names"])
-    values = torch.as_tensor(attrs["values"], dtype=torch.bool)[test.rows]
-    order = [names.index(a) for a in TOY_ATTRIBUTES]
-    values = values[:, order]
-    rng = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(test), generator=rng)[:num_captions]
-    caption_rows = [int(torch.randint(max(1, int(test.caption_counts[i])), (), generator=rng)) for i in picks]
-    text = torch.stack([test.text_features[i, r] for i, r in zip(picks.tolist(), caption_rows)])
-    feats = text.repeat_interleave(seeds, dim=0)
-    wanted = values[picks].repeat_interleave(seeds, dim=0)
-    seed_list = [seed + j for _ in range(len(picks)) for j in range(seeds)]
-    images = generate_from_features(model, feats, seed_list)
-    classifier = load_attribute_classifier()
-    per_stage = {}
-    for s, imgs in enumerate(images):
-        acc = attribute_accuracy(imgs, wanted, classifier=classifier)
-        per_stage[str(model.resolutions[s])] = acc
-
-    # Diversity against real faces with the same attributes.
-    real_pool: dict[tuple[bool, ...], list[Tensor]] = {}
-    needed = {tuple(values[i].tolist()) for i in picks[:diversity_prompts].tolist()}
-    for index, (image, a, _) in enumerate(iter_toyfaces(4000, seed=seed + 7777)):
-        key = tuple(a[n] for n in TOY_ATTRIBUTES)
-        if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
-            arr = torch.from_numpy(np.array(image.reduce(4))).permute(2, 0, 1).float() / 127.5 - 1
-            real_pool[key].append(arr)
-    gen_d, real_d = [], []
-    for i in picks[:diversity_prompts].tolist():
-        key = tuple(values[i].tolist())
-        if len(real_pool.get(key, [])) < 2:
-            continue
-        feat = test.text_features[i, 0:1].repeat(diversity_seeds, 1)
-        g = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])[-1]
-        gen_d.append(pairwise_distance(downsample(g, 64)))
-        real_d.append(pairwise_distance(torch.stack(real_pool[key])))
-    diversity = dict(
-        generated=float(np.mean(gen_d)) if gen_d else None,
-        real=float(np.mean(real_d)) if real_d else None,
-        prompts=len(gen_d),
-    )
-    if gen_d:
-        diversity["ratio"] = diversity["generated"] / diversity["real"]
-    last = per_stage[str(model.resolutions[-1])]
-    # What answering every image with each attribute's commonest value would score: the
-    # level a generator that ignores the text reaches.
-    rate = wanted.float().mean(0)
-    baseline = float(torch.maximum(rate, 1 - rate).mean())
-    return dict(
-        attribute_accuracy=last["mean"], majority_baseline=baseline, per_attribute=last["per_attribute"],
-        recall=last["recall"], per_stage=per_stage,
-        diversity=diversity, captions=len(picks), seeds=seeds, checkpoint_step=model.step,
-    )
 
 
 # --------------------------------------------------------------------------- command line

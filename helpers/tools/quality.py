@@ -1,0 +1,354 @@
+"""What the generator learns, measured on held-out toy faces: the quality harness.
+
+``python -m helpers quality`` trains variants of the recipe for a fixed budget on
+toy faces and measures each at points along the way (e.g. 250 / 500 / 1000 steps,
+so a table shows how fast quality comes, not only where it ends). Every variant
+starts from the same seed and sees the same data order; a point is a resume of
+the run before it, which continues exactly.
+
+At each point, on captions of the held-out split (faces the demo CLIP and the
+generator never saw), ``measure_quality`` reports:
+
+- **attribute accuracy** and **per-attribute recall** (and its minimum): the toy-face
+  attribute classifier judges images generated from held-out captions against the
+  attributes of each caption's face;
+- **periodic-artifact index** (``periodic_artifact_index``): how far the mean power
+  spectrum of generated images rises at the upsampling periods (multiples of N/8)
+  above its neighbourhood, divided by the same for real toy faces (1 = as real);
+- **FID / KID** against the held-out real faces, with the extractor named (offline:
+  the demo CLIP's image tower, and a seeded random conv net that no variant trains
+  against);
+- **diversity ratio**: pairwise distance between seeds of one prompt over that of
+  real faces with the same attributes (1 = as varied as real faces);
+- **seconds per step** of the training that led there.
+
+One JSON per variant (``WORK/NAME.json``) and one side-by-side table (``WORK/table.md``).
+``build-demo`` measures the demo generator with the same ``measure_quality``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..files import write_json
+
+ARTIFACT_DIVISOR = 8  # spikes of stride-2 upsampling stacks sit at multiples of N / 8 of the spectrum
+DEFAULT_POINTS = (250, 500, 1000)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def pairwise_distance(images: Tensor) -> float:
+    """Mean pairwise RMS pixel distance of images [N, 3, H, W] in [-1, 1] (N >= 2)."""
+    flat = images.flatten(1).double()
+    d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    n = len(flat)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def power_spectrum(images: Tensor) -> Tensor:
+    """Mean power spectrum of images [N, 3, H, W] in [-1, 1] (grey, each image's mean removed) -> [H, W]."""
+    grey = images.double().mean(1)
+    grey = grey - grey.mean(dim=(1, 2), keepdim=True)
+    return torch.fft.fft2(grey).abs().pow(2).mean(0)
+
+
+def spectral_spikes(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> float:
+    """How much the power spectrum rises at the frequencies (u, v) in multiples of N / divisor
+    (not both 0), over the median of its 5x5 neighbourhood there: the mean of those ratios.
+
+    images [N, 3, H, H] in [-1, 1]. Upsampling by stride-2 transposed convolutions leaves a
+    periodic pattern whose spectrum has spikes exactly there; natural images have none.
+    """
+    S = power_spectrum(images)
+    n = S.shape[-1]
+    step = max(n // divisor, 1)
+    offsets = [(a, b) for a in range(-2, 3) for b in range(-2, 3) if (a, b) != (0, 0)]
+    ratios = []
+    for u in range(0, n, step):
+        for v in range(0, n, step):
+            if (u, v) == (0, 0):
+                continue
+            around = torch.stack([S[(u + a) % n, (v + b) % n] for a, b in offsets])
+            ratios.append(float(S[u, v] / around.median().clamp_min(1e-12)))
+    return float(np.mean(ratios))
+
+
+def periodic_artifact_index(generated: Tensor, real: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> dict[str, float]:
+    """``spectral_spikes`` of generated and of real images (same size) and their ratio (1 = as real)."""
+    g, r = spectral_spikes(generated, divisor=divisor), spectral_spikes(real, divisor=divisor)
+    return dict(generated=g, real=r, ratio=g / r)
+
+
+@torch.no_grad()
+def measure_quality(
+    checkpoint: str | os.PathLike | None,
+    features: str | os.PathLike,
+    *,
+    num_captions: int = 200,
+    seeds: int = 4,
+    seed: int = 0,
+    diversity_prompts: int = 20,
+    diversity_seeds: int = 8,
+    clip: Any = None,
+) -> dict[str, Any]:
+    """Attribute accuracy and recall, artifacts, FID/KID and diversity of a generator trained on toy faces.
+
+    Accuracy: ``num_captions`` held-out captions (test split of ``features``, one
+    per image) x ``seeds`` seeds; every stage's images are judged by the toy faces
+    attribute classifier against the attributes of the caption's image (beside it,
+    the majority baseline: each attribute answered with its commonest value).
+    The last stage's images also give the periodic-artifact index and FID/KID
+    against the test split's real images at that size (``clip``: the features'
+    CLIP, for its image features; without it only the random-conv extractor).
+    Diversity: for ``diversity_prompts`` held-out captions, the mean pairwise RMS
+    distance (64 px) between ``diversity_seeds`` generated images, divided by the
+    same distance between real toy faces that have exactly the caption's
+    attributes. About 1 means as varied as real faces; near 0 means mode collapse.
+    """
+    from .. import metrics
+    from ..attributes import attribute_accuracy, load_attribute_classifier
+    from ..config import BASE_RESOLUTION
+    from ..features import FeaturesDataset, downsample, read_features
+    from ..pictures import quantize
+    from ..sample import generate_from_features, load_generator
+    from ..toyfaces import IMAGE_SIZE, TOY_ATTRIBUTES, iter_toyfaces
+
+    data = read_features(features)
+    attrs = data.get("attributes")
+    if attrs is None:
+        raise ValueError(f"{features} has no attributes: measure_quality needs toy faces features")
+    model = load_generator(checkpoint)
+    test = FeaturesDataset(features, split="test", num_stages=1)
+    if len(test) < 2:
+        raise ValueError("the features file needs a test split with at least 2 images")
+    names = list(attrs["names"])
+    values = torch.as_tensor(attrs["values"], dtype=torch.bool)[test.rows]
+    order = [names.index(a) for a in TOY_ATTRIBUTES]
+    values = values[:, order]
+    rng = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(test), generator=rng)[:num_captions]
+    caption_rows = [int(torch.randint(max(1, int(test.caption_counts[i])), (), generator=rng)) for i in picks]
+    text = torch.stack([test.text_features[i, r] for i, r in zip(picks.tolist(), caption_rows)])
+    feats = text.repeat_interleave(seeds, dim=0)
+    wanted = values[picks].repeat_interleave(seeds, dim=0)
+    seed_list = [seed + j for _ in range(len(picks)) for j in range(seeds)]
+    images = generate_from_features(model, feats, seed_list)
+    classifier = load_attribute_classifier()
+    per_stage = {}
+    for s, imgs in enumerate(images):
+        acc = attribute_accuracy(imgs, wanted, classifier=classifier)
+        per_stage[str(model.resolutions[s])] = acc
+
+    # Artifacts and FID/KID of the last stage against every real test face at its size.
+    size = model.resolutions[-1]
+    real = torch.cat([downsample(torch.stack([test.image(i) for i in range(a, min(a + 256, len(test)))]), size)
+                      for a in range(0, len(test), 256)])
+    fake = quantize(images[-1]).float() / 127.5 - 1  # the PNG a user would see
+    extractors = [metrics.RandomConvFeatures()]
+    if clip is not None:
+        extractors.append(metrics.ClipImageFeatures(clip))
+    distances = {}
+    for extractor in extractors:
+        real_f = metrics.extract_features(quantize(real), extractor)
+        fake_f = metrics.extract_features(quantize(fake), extractor)
+        kid, kid_std = metrics.kernel_inception_distance(real_f, fake_f, seed=seed)
+        distances[extractor.name] = dict(fid=metrics.frechet_distance(real_f, fake_f), kid=kid, kid_std=kid_std)
+
+    # Diversity against real faces with the same attributes.
+    real_pool: dict[tuple[bool, ...], list[Tensor]] = {}
+    needed = {tuple(values[i].tolist()) for i in picks[:diversity_prompts].tolist()}
+    for index, (image, a, _) in enumerate(iter_toyfaces(4000, seed=seed + 7777)):
+        key = tuple(a[n] for n in TOY_ATTRIBUTES)
+        if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
+            arr = torch.from_numpy(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION))).permute(2, 0, 1)
+            real_pool[key].append(arr.float() / 127.5 - 1)
+    gen_d, real_d = [], []
+    for i in picks[:diversity_prompts].tolist():
+        key = tuple(values[i].tolist())
+        if len(real_pool.get(key, [])) < 2:
+            continue
+        feat = test.text_features[i, 0:1].repeat(diversity_seeds, 1)
+        g = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])[-1]
+        gen_d.append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
+        real_d.append(pairwise_distance(torch.stack(real_pool[key])))
+    diversity = dict(
+        generated=float(np.mean(gen_d)) if gen_d else None,
+        real=float(np.mean(real_d)) if real_d else None,
+        prompts=len(gen_d),
+    )
+    if gen_d:
+        diversity["ratio"] = diversity["generated"] / diversity["real"]
+    last = per_stage[str(size)]
+    # What answering every image with each attribute's commonest value would score: the
+    # level a generator that ignores the text reaches.
+    rate = wanted.float().mean(0)
+    baseline = float(torch.maximum(rate, 1 - rate).mean())
+    recalls = [r for r in last["recall"].values() if r is not None]
+    return dict(
+        attribute_accuracy=last["mean"], majority_baseline=baseline, per_attribute=last["per_attribute"],
+        recall=last["recall"], min_recall=min(recalls) if recalls else None, per_stage=per_stage,
+        artifact_index=periodic_artifact_index(fake, real), distances=distances, resolution=size,
+        diversity=diversity, captions=len(picks), seeds=seeds, checkpoint_step=model.step,
+    )
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def toyface_features(work_dir: str | os.PathLike, *, num_faces: int = 12000, seed: int = 0, clip: Any = None) -> Path:
+    """The toy faces features the harness trains and measures on, made once in ``work_dir``.
+
+    The same faces, split and captions as ``build-demo`` (seed 0): the shipped demo
+    CLIP learned from the training split only, so the test split stays held out.
+    """
+    from ..extract import extract_features
+    from ..toyfaces import write_toyfaces
+
+    work = Path(work_dir)
+    features = work / "features.pt"
+    if features.is_file():
+        return features
+    faces = work / "toyfaces"
+    if not (faces / "attributes.csv").is_file():  # written last: its presence means the folder is complete
+        write_toyfaces(faces, n=num_faces, seed=seed)
+    extract_features(faces, features, clip=clip, captions_per_image=10, split="auto", seed=seed)
+    return features
+
+
+def variant_config(overrides: dict[str, Any] | list[str], *, steps: int, seed: int = 0, stages: int | None = None):
+    """The demo recipe (``build_demo.demo_train_config``) with a variant's overrides, for ``steps`` steps."""
+    import dataclasses
+
+    from ..train_config import apply_overrides
+    from .build_demo import demo_train_config
+
+    cfg = demo_train_config(steps, seed=seed)
+    if stages is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_stages=stages),
+                                  clip_stages=sorted({0, stages - 1}))
+    big = max(steps, 1)
+    cfg = dataclasses.replace(cfg, preview_every=big, checkpoint_every=big, snapshot_every=big, log_every=10)
+    return apply_overrides(cfg, overrides)
+
+
+def run_variant(
+    name: str, overrides: dict[str, Any] | list[str], features: str | os.PathLike, work_dir: str | os.PathLike, *,
+    points: tuple[int, ...] = DEFAULT_POINTS, seed: int = 0, stages: int | None = None, clip: Any = None,
+    on_log: Any = None,
+) -> dict[str, Any]:
+    """Train variant ``name`` (the demo recipe with ``overrides``) and measure it at each of ``points``.
+
+    Returns (and writes to ``WORK/NAME.json``) the config and one measurement per point.
+    A rerun continues from the variant's last checkpoint and skips points already measured.
+    """
+    from ..train import read_metrics, train
+
+    work = Path(work_dir)
+    run_dir, out = work / "runs" / name, work / f"{name}.json"
+    report: dict[str, Any] = dict(name=name, overrides=overrides, stages=stages, seed=seed, points=[])
+    if out.is_file():
+        import json
+
+        previous = json.loads(out.read_text())
+        if previous.get("overrides") == overrides and previous.get("stages") == stages:
+            report = previous
+    done = {p["step"] for p in report["points"]}
+    for point in sorted(points):
+        if point in done:
+            continue
+        cfg = variant_config(overrides, steps=point, seed=seed, stages=stages)
+        resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+        t0 = time.perf_counter()
+        result = train(features, run_dir, None if resume else cfg, overrides={"steps": point} if resume else {},
+                       resume=resume, clip=clip, progress=False)
+        wall = time.perf_counter() - t0
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "perf/images_per_s" in r]
+        s_per_step = statistics.median(cfg.batch_size / r["perf/images_per_s"] for r in rows) if rows else None
+        quality = measure_quality(result.checkpoint, features, seed=seed, clip=clip)
+        report["config"] = cfg.to_dict()
+        report["points"].append(dict(step=point, seconds_per_step=s_per_step, train_seconds=wall, **quality))
+        write_json(out, report)
+        if on_log is not None:
+            on_log(f"{name} @ {point}: " + summary_line(report["points"][-1]))
+    return report
+
+
+def summary_line(point: dict[str, Any]) -> str:
+    """One line of a measurement: accuracy, minimum recall, artifact ratio, FIDs, diversity, s/step."""
+    fids = ", ".join(f"FID {k.split(' ')[0]} {v['fid']:.3g}" for k, v in point["distances"].items())
+    return (f"accuracy {point['attribute_accuracy']:.3f}, min recall {point['min_recall']:.2f}, "
+            f"artifacts {point['artifact_index']['ratio']:.2f}x real, {fids}, "
+            f"diversity {point['diversity'].get('ratio', float('nan')):.2f}, {point['seconds_per_step']:.2f} s/step")
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+    """The side-by-side markdown table of every variant at every measured point."""
+    extractors = sorted({k for r in reports for p in r["points"] for k in p["distances"]})
+    head = ["variant", "settings", "steps", "accuracy", "min recall", "artifacts / real"]
+    head += [f"FID ({e.split(' (')[0]})" for e in extractors] + ["diversity", "s / step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in reports:
+        settings = " ".join(r["overrides"]) if isinstance(r["overrides"], list) else str(r["overrides"] or "")
+        for p in r["points"]:
+            fids = [f"{p['distances'][e]['fid']:.3g}" if e in p["distances"] else "-" for e in extractors]
+            cells = [r["name"], settings or "(the demo recipe)", str(p["step"]), f"{p['attribute_accuracy']:.3f}",
+                     f"{p['min_recall']:.2f}", f"{p['artifact_index']['ratio']:.2f}", *fids,
+                     f"{p['diversity'].get('ratio', float('nan')):.2f}", f"{p['seconds_per_step']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(work_dir: str | os.PathLike) -> Path:
+    """``WORK/table.md`` from every ``WORK/*.json`` variant report."""
+    import json
+
+    from ..files import atomic_write_bytes
+
+    work = Path(work_dir)
+    reports = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    reports = [r for r in reports if "points" in r]
+    return atomic_write_bytes(work / "table.md", (format_table(reports) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"), required=True,
+                        help="a variant: its name, then --set style overrides of the demo recipe "
+                             "(e.g. --variant base --variant tau01 temperature=0.1); repeat for more")
+    parser.add_argument("--points", default=",".join(map(str, DEFAULT_POINTS)),
+                        help="steps at which to measure, comma-separated (default: %(default)s)")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="train this many stages only (a reduced budget, e.g. 1 = the 64 px stage)")
+    parser.add_argument("--work-dir", default="runs/quality", help="features, runs, one JSON per variant, table.md")
+    parser.add_argument("--num-faces", type=int, default=12000, help="toy faces to draw (once)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..clip_encoder import load_clip
+    from ..console import say
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    points = tuple(int(p) for p in str(args.points).split(",") if p.strip())
+    clip = load_clip("demo", device="cpu")
+    features = toyface_features(args.work_dir, num_faces=args.num_faces, seed=args.seed, clip=clip)
+    for name, *overrides in args.variant:
+        run_variant(name, list(overrides), features, args.work_dir, points=points, seed=args.seed,
+                    stages=args.stages, clip=clip, on_log=say)
+    say(f"table: {write_table(args.work_dir)}")
+    return 0
