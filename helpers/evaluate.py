@@ -232,6 +232,7 @@ def evaluate(
     image_embs: dict[int, list[Tensor]] = {s: [] for s in stages}
     text_embs: list[Tensor] = []
     attr_sums: dict[str, float] = {}
+    asked_shown: dict[str, list[int]] = {}  # attribute -> [images asked for it, of those showing it]
     say(f"generating {n} images")
     for rows in tqdm(_batches(n, batch_size), desc="generate", disable=not progress):
         with torch.inference_mode():
@@ -251,6 +252,11 @@ def evaluate(
             b = rows.stop - rows.start
             for name, acc in result["per_attribute"].items():
                 attr_sums[name] = attr_sums.get(name, 0.0) + float(acc) * b
+            asked = attr_module.attributes_tensor(wanted_all[rows]).sum(0)  # [A] images asked for each
+            for name, a, r in zip(result["recall"], asked.tolist(), result["recall"].values()):
+                counts = asked_shown.setdefault(name, [0, 0])
+                counts[0] += a
+                counts[1] += round(r * a) if r is not None else 0
 
     # real images: the whole test split at each evaluated resolution
     real_feats: dict[int, list[Tensor]] = {s: [] for s in stages}
@@ -283,10 +289,15 @@ def evaluate(
         per_attribute = {name: total / n for name, total in attr_sums.items()}
         # what answering every image with the commonest value of each attribute would score
         wanted = attr_module.attributes_tensor(wanted_all).float().mean(0)  # [A] frequency of "present"
+        recall = {name: (shown / asked if asked else None) for name, (asked, shown) in asked_shown.items()}
+        known = [r for r in recall.values() if r is not None]
         report["attribute_accuracy"] = dict(
             mean=sum(per_attribute.values()) / len(per_attribute),
             per_attribute=per_attribute,
             majority_baseline=float(torch.maximum(wanted, 1 - wanted).mean()),
+            # of the images asked for an attribute, the share that show it (accuracy also counts correct "no"s)
+            recall=recall,
+            min_recall=min(known) if known else None,
         )
     if len(stages) > 1:
         report["per_stage"] = per_stage
@@ -343,6 +354,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "attribute_accuracy" in report:
         rows.append(("attribute accuracy", fmt(report["attribute_accuracy"]["mean"])))
         rows.append(("  majority baseline", fmt(report["attribute_accuracy"]["majority_baseline"])))
+        rows.append(("  lowest recall", fmt(report["attribute_accuracy"].get("min_recall"))))
     lines = []
     if "per_stage" in report:
         header = f"{'metric':<22}" + "".join(f"{res + ' px':>12}" for res in report["per_stage"])
@@ -357,8 +369,9 @@ def format_report(report: dict[str, Any]) -> str:
         width = max(len(label) for label, _ in rows)
         lines += [f"{label:<{width}}  {value}" for label, value in rows]
     if "attribute_accuracy" in report:
-        per = report["attribute_accuracy"]["per_attribute"]
-        lines.append("  " + ", ".join(f"{k} {fmt(v)}" for k, v in per.items()))
+        per, recall = report["attribute_accuracy"]["per_attribute"], report["attribute_accuracy"].get("recall", {})
+        lines.append("  accuracy / recall per attribute: " + ", ".join(
+            f"{k} {fmt(v)} / {fmt(recall.get(k))}" for k, v in per.items()))
     lines.append("")
     lines.append("protocol")
     for key, value in report["protocol"].items():

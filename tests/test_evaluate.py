@@ -132,6 +132,21 @@ def test_attribute_accuracy_on_toy_faces(tiny_checkpoint, toy_features, monkeypa
     assert 0 <= accuracy["mean"] <= 1 and "attribute" in format_report(report)
     assert 0.5 <= accuracy["majority_baseline"] <= 1
     assert report["protocol"]["attribute_classifier"].startswith("toy-face attribute classifier")
+    assert set(accuracy["recall"]) == set(TOY_ATTRIBUTES) and "recall" in format_report(report)
+
+    class Answers(torch.nn.Module):  # a classifier that sees every attribute (yes) or none (no)
+        def __init__(self, logit):
+            super().__init__()
+            self.logit = torch.nn.Parameter(torch.tensor(logit))
+
+        def forward(self, images):
+            return self.logit.expand(images.shape[0], len(TOY_ATTRIBUTES))
+
+    for logit, expected in ((10.0, 1.0), (-10.0, 0.0)):
+        monkeypatch.setattr(attributes, "load_attribute_classifier", lambda logit=logit, **kwargs: Answers(logit))
+        accuracy = evaluate(tiny_checkpoint, toy_features, **kwargs)["attribute_accuracy"]
+        asked = [r for r in accuracy["recall"].values() if r is not None]
+        assert asked and all(r == expected for r in asked) and accuracy["min_recall"] == expected
 
     def missing(**kwargs):
         raise CheckpointError("checkpoint not found: assets/attribute_classifier.pt")
