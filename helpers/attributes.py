@@ -26,10 +26,13 @@ from torch import Tensor, nn
 from .assets import ATTRIBUTE_CLASSIFIER
 from .captions import CELEBA_ATTRIBUTES
 from .checkpoint import CheckpointError, load_checkpoint
+from .files import atomic_save
+from .pictures import dequantize
 from .toyfaces import TOY_ATTRIBUTES
 
 DEFAULT_PATH = ATTRIBUTE_CLASSIFIER  # the shipped weights (assets/attribute_classifier.pt)
 CLASSIFIER_KIND = "toy-attribute-classifier/1"
+CLASSIFIER_FORMAT = "helpers-t2i-gan/1"  # the classifier file's own layout tag (not the GAN checkpoints')
 INPUT_SIZE = 64  # every input is area-downsampled to this size first
 
 
@@ -81,6 +84,18 @@ def load_attribute_classifier(
         model.eval().requires_grad_(False)
         _CACHE[key] = model.to(device)
     return _CACHE[key]
+
+
+def save_attribute_classifier(model: AttributeClassifier, path: str | os.PathLike, *, report: dict[str, Any]) -> Path:
+    """Write the classifier (fp16 weights, attribute names, width, training report) atomically."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    return atomic_save(
+        {
+            "format": CLASSIFIER_FORMAT, "kind": CLASSIFIER_KIND, "attributes": list(TOY_ATTRIBUTES),
+            "width": model.features[0].out_channels, "state_dict": state, "report": report,
+        },
+        path,
+    )
 
 
 def attributes_tensor(wanted: Sequence[Mapping[str, bool] | Iterable[str]] | Tensor) -> Tensor:
@@ -150,4 +165,13 @@ def attribute_accuracy(
 
 def to_tensor(images: np.ndarray) -> Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return dequantize(images, channels_last=True)
+
+
+def __getattr__(name: str) -> Any:
+    """The classifier's training moved to ``helpers.tools.train_classifier``; its names stay importable here."""
+    if name in ("train_attribute_classifier", "evaluate_resolutions", "format_report", "toyface_arrays"):
+        from .tools import train_classifier
+
+        return getattr(train_classifier, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,9 +28,10 @@ from .config import ModelConfig
 from .errors import UserError
 from .files import atomic_save
 
-CHECKPOINT_FORMAT = "helpers-t2i-gan/2"
-# /1 stored the model config twice in training checkpoints (model_config beside train_config); still read
-READABLE_FORMATS = ("helpers-t2i-gan/1", CHECKPOINT_FORMAT)
+FORMAT_PREFIX = "helpers-t2i-gan/"
+CHECKPOINT_FORMAT = FORMAT_PREFIX + "2"  # training checkpoints: /1 stored the model config twice (still read)
+EXPORT_FORMAT = FORMAT_PREFIX + "1"  # generator exports: the layout /1 had, so older checkouts still read them
+READABLE_FORMATS = (EXPORT_FORMAT, CHECKPOINT_FORMAT)
 LATEST = "latest.pt"  # the newest training checkpoint of a run, in RUN_DIR/checkpoints/
 TRAINER_KEYS = ("step", "G", "G_ema", "D", "opt_G", "opt_D", "scaler", "rng")  # what Trainer.state_dict() gives
 
@@ -55,8 +56,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"cannot read checkpoint {path}: {type(err).__name__}: {err}. The file is truncated "
             "or not a checkpoint; use an earlier snapshot or copy it again."
         ) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if isinstance(found, str) and found.startswith(FORMAT_PREFIX) and found not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{path} was written by a newer version of this project (format {found!r}; this one reads "
+            f"{', '.join(READABLE_FORMATS)}): update the repository (git pull) and its requirements"
+        )
+    if not isinstance(ckpt, dict) or found not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path} is not a checkpoint of this project (format {found!r}, expected "
             f"{CHECKPOINT_FORMAT!r})"
@@ -190,5 +196,9 @@ def _write_export(
     path: str | os.PathLike, config: ModelConfig, state: dict[str, torch.Tensor], *, clip_spec: str,
     clip_identity: dict[str, Any] | None, step: int,
 ) -> Path:
-    return atomic_save(dict(format=CHECKPOINT_FORMAT, model_config=config.to_dict(), clip_spec=clip_spec,
+    return atomic_save(dict(format=EXPORT_FORMAT, model_config=config.to_dict(), clip_spec=clip_spec,
                             clip_identity=clip_identity, step=int(step), G_ema=state), path)
+
+
+# The file helpers this module held before ``files`` owned them, for code that imports them from here.
+from .files import OutputError, atomic_write, atomic_write_bytes, copy_atomic  # noqa: E402,F401

@@ -24,7 +24,8 @@ T = TypeVar("T")
 # The stage schedule: stage i (0-based) draws BASE_RESOLUTION * 2**i px images. Every module that
 # needs a stage's size, the number of stages or the stored image size derives it from here; adding a
 # stage means raising MAX_STAGES here and giving the networks the layers for it.
-BASE_RESOLUTION = 64  # stage 1's image size (StackGAN++: 64 px)
+BASE_RESOLUTION = 64  # stage 1's image size (StackGAN++: 64 px); fixed by the networks (4x4 and four upsamplings
+#   in G, four stride-2 blocks to a 4x4 map in each D): changing it means changing those layers too
 MAX_STAGES = 3  # the deepest schedule the networks build: 64, 128, 256 px
 STORED_IMAGE_SIZE = BASE_RESOLUTION * 2 ** (MAX_STAGES - 1)  # features files keep each image once, at the last stage's size
 STAGE_CHOICES = tuple(range(1, MAX_STAGES + 1))  # 1-based stage numbers, as the command line and the widget name them

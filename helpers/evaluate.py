@@ -181,7 +181,7 @@ def evaluate(
 
     from . import metrics, sample
     from .features import FeaturesDataset, downsample, read_features
-    from .pictures import quantize
+    from .pictures import dequantize, quantize
 
     say = on_progress or (lambda line: None)
     if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2):
@@ -247,7 +247,7 @@ def evaluate(
             fake_feats[s].append(metrics.extract_features(pixels, extractor, batch_size=batch_size))
             image_embs[s].append(clip.encode_images(pixels.to(device)).float().cpu())
         if classifier is not None:
-            quantised = quantize(images[stages[-1]]).float() / 127.5 - 1  # the PNG the user would see
+            quantised = dequantize(quantize(images[stages[-1]]))  # the PNG the user would see
             result = attr_module.attribute_accuracy(quantised, wanted_all[rows], classifier=classifier)
             b = rows.stop - rows.start
             for name, acc in result["per_attribute"].items():

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from .config import MAX_STAGES, STORED_IMAGE_SIZE, check_num_stages, stage_resolutions
 from .errors import UserError
 from .files import atomic_save, atomic_write
+from .pictures import dequantize
 
 FEATURES_FORMAT = "helpers-t2i-features/1"
 IMAGE_SIZE = STORED_IMAGE_SIZE  # every stored image is square RGB at the last stage's size (256 px)
@@ -205,7 +206,7 @@ class FeaturesDataset(Dataset):
         if self._images is None:
             self._images = np.load(self._images_file, mmap_mode="r")
         pixels = torch.from_numpy(np.array(self._images[int(self.rows[i])]))  # [256, 256, 3] uint8
-        return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return dequantize(pixels, channels_last=True)
 
     def caption_feature(self, i: int) -> Tensor:
         """A random caption feature of item ``i`` [D] (the image feature if it has no caption)."""

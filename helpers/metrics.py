@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .pictures import quantize as to_uint8  # noqa: F401  (re-exported: the earlier name of the pixel rounding)
+
 INCEPTION_NAME = "inception-v3-compat pool3 (2048-d, torch-fidelity TF-FID weights)"
 KID_SUBSET_SIZE = 1000  # the usual KID subset size; smaller sets use every image per subset
 KID_SUBSETS = 100

@@ -261,7 +261,7 @@ class DiscOutput(NamedTuple):
 
     uncond: Tensor  # [B] unconditional real/fake logit
     cond: Tensor | None  # [B] conditional logit (None when no condition was given)
-    align: Tensor  # [B, text_dim] alignment embedding, from the image alone
+    align: Tensor | None  # [B, text_dim] alignment embedding, from the image alone (None: not asked)
     mismatched: Tensor | None = None  # [B] conditional logit for another sample's condition (None: not asked)
 
 
@@ -276,8 +276,11 @@ class StageDiscriminator(Protocol):
         """images [B, 3, H, W] in [-1, 1] -> trunk features (any shape the heads take)."""
         ...
 
-    def heads(self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None) -> DiscOutput:
-        """features of one batch, condition [B, cond_dim] (and optionally a mismatched one) -> ``DiscOutput``."""
+    def heads(
+        self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None, align: bool = True,
+    ) -> DiscOutput:
+        """features of one batch, condition [B, cond_dim] (and optionally a mismatched one) -> ``DiscOutput``
+        (``align=False``: no alignment embedding, for a batch whose embedding no loss reads)."""
         ...
 
 
@@ -327,17 +330,20 @@ class Discriminator(nn.Module):
             )
         return self.prior(self.trunk(images))
 
-    def heads(self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None) -> DiscOutput:
+    def heads(
+        self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None, align: bool = True,
+    ) -> DiscOutput:
         """features [B, 8nd, 4, 4]; condition, mismatched [B, cond_dim] or None -> ``DiscOutput``.
 
         Logits [B] (unconditional; conditional on ``condition``; conditional on
-        ``mismatched``, another sample's condition) and the alignment embedding
-        [B, text_dim] (not normalised), all from the same features.
+        ``mismatched``, another sample's condition) and, with ``align``, the alignment
+        embedding [B, text_dim] (not normalised), all from the same features. (The
+        alignment head has BatchNorm: a batch no loss reads must not move its statistics.)
         """
         uncond = self.uncond_head(features).flatten(1).mean(1)
         cond = None if condition is None else self._cond_logits(features, condition)
         mis = None if mismatched is None else self._cond_logits(features, mismatched)
-        return DiscOutput(uncond, cond, self.align_head(features).flatten(1), mis)
+        return DiscOutput(uncond, cond, self.align_head(features).flatten(1) if align else None, mis)
 
     def _cond_logits(self, features: Tensor, condition: Tensor) -> Tensor:
         x = torch.cat([features, tile(condition, features)], dim=1)

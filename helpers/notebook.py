@@ -202,10 +202,12 @@ class NotebookConfig:
 
     def latest_checkpoint(self) -> Path | None:
         """The run's latest.pt: the local one, else the Drive mirror's, else None."""
-        for folder in (self.run_dir, self.mirror_dir):
-            if folder is not None and (folder / "checkpoints" / "latest.pt").is_file():
-                return folder / "checkpoints" / "latest.pt"
-        return None
+        from .run_folder import find_resume_checkpoint
+
+        try:
+            return find_resume_checkpoint(self.run_dir, True, self.mirror_dir)
+        except UserError:
+            return None
 
 
 def notebook_config(*, smoke: bool | None = None, workdir: str | os.PathLike | None = None, **fields: Any) -> NotebookConfig:

@@ -44,6 +44,18 @@ def quantize(images: Tensor) -> Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def dequantize(pixels: Tensor | np.ndarray, *, channels_last: bool = False) -> Tensor:
+    """uint8 pixels 0..255 -> float images in [-1, 1], the inverse of ``quantize``.
+
+    pixels [..., 3, H, W] (or [..., H, W, 3] with ``channels_last``, as PIL and NumPy
+    store them; the result is then moved to [..., 3, H, W]).
+    """
+    x = pixels if isinstance(pixels, Tensor) else torch.tensor(pixels)  # a copy: NumPy's array may be read-only
+    if channels_last:
+        x = x.movedim(-1, -3)
+    return x.float().div(127.5).sub(1.0)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """Images [B, 3, H, W] (or one [3, H, W]) in [-1, 1] -> uint8 array [B, H, W, 3] (or [H, W, 3]) for PIL."""
     return quantize(images).cpu().movedim(-3, -1).numpy()
@@ -61,14 +73,14 @@ def to_pil_list(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in to_uint8(images)]
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """The PNG encoding of ``image`` (for an ipywidgets Image or a download)."""
+def png_bytes(image: Image.Image, *, optimize: bool = False) -> bytes:
+    """The PNG encoding of ``image`` (for an ipywidgets Image or a download; ``optimize``: smaller, slower)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", optimize=optimize)
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image | Tensor, path: str | os.PathLike) -> Path:
+def save_png(image: Image.Image | Tensor, path: str | os.PathLike, *, optimize: bool = False) -> Path:
     """Write ``image`` (a PIL image, or one tensor [3, H, W] in [-1, 1]) as a PNG file.
 
     Written to a temporary file and renamed, so a reader never sees half a
@@ -76,7 +88,7 @@ def save_png(image: Image.Image | Tensor, path: str | os.PathLike) -> Path:
     """
     if isinstance(image, Tensor):
         image = to_pil(image)
-    return atomic_write_bytes(path, png_bytes(image))
+    return atomic_write_bytes(path, png_bytes(image, optimize=optimize))
 
 
 def resize_tile(image: Image.Image, size: int) -> Image.Image:

@@ -24,6 +24,7 @@ from .errors import UserError
 from .files import atomic_write_bytes, copy_atomic, remove_stale_temps
 
 IMAGES_PER_S = "perf/images_per_s"  # training speed of the logged steps
+CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder (latest.pt and the snapshots)
 # metrics.jsonl rows written before the names were hierarchical: old name -> new name
 _FLAT_NAMES = {"d_loss": "loss/d", "g_loss": "loss/g", "kl": "loss/g/kl", "mode_seeking": "loss/g/mode_seeking",
                "images_per_s": IMAGES_PER_S}
@@ -60,13 +61,20 @@ def load_preview_captions(path: str | os.PathLike | None = None) -> list[str]:
     return captions
 
 
-def find_resume_checkpoint(run_dir: Path, resume: bool | str | os.PathLike, mirror_dir: str | None) -> Path:
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """Where a run folder (or its mirror) keeps its newest training checkpoint: RUN_DIR/checkpoints/latest.pt."""
+    return Path(run_dir) / CHECKPOINTS / LATEST
+
+
+def find_resume_checkpoint(
+    run_dir: str | os.PathLike, resume: bool | str | os.PathLike, mirror_dir: str | os.PathLike | None,
+) -> Path:
     """The checkpoint to resume from: an explicit path, or RUN_DIR/checkpoints/latest.pt, or the mirror's."""
     if not isinstance(resume, bool):
         return Path(resume)
-    candidates = [Path(run_dir) / "checkpoints" / LATEST]
+    candidates = [latest_checkpoint(run_dir)]
     if mirror_dir:
-        candidates.append(Path(mirror_dir) / "checkpoints" / LATEST)
+        candidates.append(latest_checkpoint(mirror_dir))
     for path in candidates:
         if path.is_file():
             return path
@@ -123,15 +131,18 @@ class RunFolder:
         self.path = Path(path)
         self.mirror = Path(mirror) if mirror else None
         self.keep_snapshots, self.writer = keep_snapshots, writer
-        self.checkpoints, self.previews = self.path / "checkpoints", self.path / "previews"
+        self.checkpoints, self.previews = self.path / CHECKPOINTS, self.path / "previews"
         self.metrics_path, self.plot_path = self.path / "metrics.jsonl", self.path / "loss_curves.png"
-        self.latest = self.checkpoints / LATEST
+        self.latest = latest_checkpoint(self.path)
         self.history: list[dict[str, Any]] = []
 
     def open(self, step: int) -> list[dict[str, Any]]:
         """Start writing at ``step``: remove temp files a killed write left (call under the run lock) and
         drop metric rows past the checkpoint; returns the metrics history up to ``step``."""
-        self.history = [row for row in read_metrics(self.metrics_path) if row["step"] <= step]
+        source = self.metrics_path
+        if not source.is_file() and self.mirror is not None:  # a new runtime resuming from the mirror alone
+            source = self.mirror / self.metrics_path.name
+        self.history = [row for row in read_metrics(source) if row["step"] <= step]
         if self.writer:
             remove_stale_temps(self.path, self.checkpoints, self.previews)  # not the mirror's: no lock covers it
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
@@ -156,7 +167,7 @@ class RunFolder:
             self._mirror(snap)
             prune_snapshots(self.checkpoints, self.keep_snapshots)
             if self.mirror is not None:
-                prune_snapshots(self.mirror / "checkpoints", self.keep_snapshots)
+                prune_snapshots(self.mirror / CHECKPOINTS, self.keep_snapshots)
         if self.metrics_path.is_file():
             self._mirror(self.metrics_path)
         return path

@@ -211,6 +211,8 @@ def resume_config(saved: TrainConfig, overrides: Overrides = (), *, named: Train
     its others never replace the checkpoint's values unasked.
     ``model.text_dim`` follows the data and is never compared.
     """
+    if isinstance(overrides, TrainConfig):  # the earlier order was (saved, requested, overrides)
+        raise TypeError("resume_config(saved, overrides, *, named=...): pass a preset named again as named=")
     before = _flat(saved.to_dict())
     refused: list[str] = []
     compared: dict[str, Any] = {}

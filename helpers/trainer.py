@@ -257,13 +257,15 @@ class Trainer:
     ) -> tuple[DiscOutput, DiscOutput]:
         """D's heads on the real and on the fake batch: separately (the reference), or as one batch
         (``d_batches="joint"``: BatchNorm then normalises real and fake with the same statistics)."""
+        align = self.cfg.align_weight > 0  # D's alignment term reads real images only
         if self.cfg.d_batches == "separate":
-            return disc.heads(disc.features(real), condition, mismatched=mismatched), disc.heads(disc.features(fake), condition)
+            return (disc.heads(disc.features(real), condition, mismatched=mismatched, align=align),
+                    disc.heads(disc.features(fake), condition, align=False))
         B = real.shape[0]
         both = disc.heads(disc.features(torch.cat([real, fake])), torch.cat([condition, condition]),
-                          mismatched=None if mismatched is None else torch.cat([mismatched, mismatched]))
+                          mismatched=None if mismatched is None else torch.cat([mismatched, mismatched]), align=align)
         parts = [[None if t is None else t[:B] for t in both], [None if t is None else t[B:] for t in both]]
-        parts[1][3] = None  # a mismatched caption is a question about real images only
+        parts[1][2] = parts[1][3] = None  # alignment and a mismatched caption are questions about real images
         return DiscOutput(*parts[0]), DiscOutput(*parts[1])
 
     def g_step(self, batch: dict[str, Any], fakes: Fakes) -> dict[str, float]:
@@ -275,7 +277,7 @@ class Trainer:
         terms: dict[str, Tensor] = {}
         with self.autocast():
             for i, disc in enumerate(self.D):
-                fake = disc.heads(disc.features(self._augment(fakes.images[i])), condition)
+                fake = disc.heads(disc.features(self._augment(fakes.images[i])), condition, align=cfg.align_weight > 0)
                 clip_emb = None
                 if i in self.clip_stages:
                     shown = random_resized_crop(fakes.images[i], self.generator) if cfg.clip_augment else fakes.images[i]

@@ -8,7 +8,8 @@ from PIL import Image
 from helpers.attributes import DEFAULT_PATH, attribute_accuracy, attributes_tensor, load_attribute_classifier, to_tensor
 from helpers.checkpoint import CheckpointError
 from helpers.files import atomic_save
-from helpers.tools.train_classifier import save_attribute_classifier, train_attribute_classifier
+from helpers.attributes import save_attribute_classifier
+from helpers.tools.train_classifier import train_attribute_classifier
 from helpers.toyfaces import TOY_ATTRIBUTES, toy_face
 
 FRESH_SEED = 777  # neither the classifier's training faces nor its held-out ones

@@ -78,3 +78,16 @@ def test_one_owner_reads_both_layouts_and_refuses_an_export_for_resume(tmp_path)
     torch.save(old, tmp_path / "old.pt")
     assert read_training_checkpoint(tmp_path / "old.pt").config == cfg
     assert read_generator(tmp_path / "old.pt").model_config == cfg.model
+
+
+def test_exports_keep_their_first_tag_and_a_newer_file_says_so(tmp_path):
+    from helpers.checkpoint import EXPORT_FORMAT, save_generator
+    from helpers.config import ModelConfig
+    from helpers.network import Generator
+
+    export = save_generator(tmp_path / "g.pt", Generator(ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128,
+                                                                      nd=4, num_stages=1)), clip_spec="demo")
+    assert load_checkpoint(export)["format"] == EXPORT_FORMAT == "helpers-t2i-gan/1"  # older checkouts read it
+    atomic_save({"format": "helpers-t2i-gan/9"}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="newer version of this project"):
+        load_checkpoint(tmp_path / "future.pt")

@@ -67,7 +67,7 @@ def test_bootstrap_then_settings_cell(name):
     # the rest (pip, chdir, Drive) is nb.setup's: the cell only makes helpers importable
     code = "\n".join(code_lines(src))
     assert not any(word in code for word in ("pip", "chdir", "drive.mount", "requirements")), code
-    assert len(code_lines(src)) <= 12, "keep the bootstrap short: move work into helpers.notebook.setup"
+    assert len(code_lines(src)) <= 14, "keep the bootstrap short: move work into helpers.notebook.setup"
     assert "#@param" in settings.source and "nb.notebook_config(" in settings.source
 
 

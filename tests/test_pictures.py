@@ -142,3 +142,13 @@ def test_preview_picture_size_and_bad_inputs():
         preview_picture(stages[:1], ["a", "b"], row_labels=["x", "y"])
     with pytest.raises(ValueError, match="no stages"):
         preview_picture([], ["a"])
+
+
+def test_dequantize_inverts_quantize():
+    from helpers.pictures import dequantize, quantize
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(quantize(dequantize(pixels)), pixels)
+    hwc = pixels.permute(0, 2, 3, 1).numpy()
+    assert torch.equal(dequantize(hwc, channels_last=True), dequantize(pixels))
+    assert dequantize(pixels).min() >= -1 and dequantize(pixels).max() <= 1

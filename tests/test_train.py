@@ -324,13 +324,14 @@ class PooledDiscriminator(torch.nn.Module):
     def features(self, images):
         return self.trunk(images)
 
-    def heads(self, features, condition=None, *, mismatched=None):
+    def heads(self, features, condition=None, *, mismatched=None, align=True):
         from helpers.network import DiscOutput
 
         def cond(c):
             return None if c is None else self.cond(features, c.to(features.dtype)).squeeze(1)
 
-        return DiscOutput(self.uncond(features).squeeze(1), cond(condition), self.align(features), cond(mismatched))
+        return DiscOutput(self.uncond(features).squeeze(1), cond(condition), self.align(features) if align else None,
+                          cond(mismatched))
 
 
 def test_a_discriminator_with_the_interface_trains_without_other_changes(trainer_and_batch, tiny_clip):
@@ -439,3 +440,11 @@ def test_the_reference_preset_keeps_the_bootcamp_recipe():
     assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats) == (
         0.5, 0.0, False, "separate", 0)
     assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
+
+
+def test_the_d_step_moves_no_statistics_of_a_head_no_loss_reads(trainer_and_batch):
+    trainer, batch = trainer_and_batch
+    align_norm = trainer.D[0].align_head[1]
+    trainer.train_step(batch)
+    # one D step (real images) and one G step (fakes): the detached fakes of the D step are not counted
+    assert int(align_norm.num_batches_tracked) == 2

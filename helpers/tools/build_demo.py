@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..assets import ASSETS, DEMO_REPORT
+from ..assets import ASSETS, DEMO_CLIP, DEMO_GENERATOR, DEMO_GRID, DEMO_REPORT
 from .quality import measure_quality, pairwise_distance  # noqa: F401  (pairwise_distance: re-exported)
 from ..files import write_json
 
@@ -85,6 +85,7 @@ def build_demo(
     from ..clip_encoder import load_clip, save_clip
     from ..extract import assign_split, extract_features
     from ..toyfaces import write_toyfaces
+    from ..run_folder import latest_checkpoint
     from ..train import train
     from .demo_clip import DEMO_CLIP_CONFIG, retrieval_top1, train_clip
 
@@ -109,7 +110,7 @@ def build_demo(
     split, _ = assign_split(ids, "auto", kind="folder", seed=seed)
     train_ids = [i for i, s in zip(ids, split) if s == "train"]
     test_ids = [i for i, s in zip(ids, split) if s == "test"]
-    work_clip = work / "demo_clip.pt"
+    work_clip = work / DEMO_CLIP.name
     if work_clip.is_file():  # a rerun after an interruption reuses the trained CLIP
         clip_model = load_clip(str(work_clip), device="cpu").model
     else:
@@ -134,19 +135,19 @@ def build_demo(
 
     t0 = time.perf_counter()
     run_dir = work / "run"
-    resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+    resume = latest_checkpoint(run_dir).is_file()
     result = train(features, run_dir, demo_train_config(gan_steps, seed=seed), clip=clip, device=device, resume=resume)
     lap("generator training", t0)
 
     # the run's clip_spec is "demo" (set above), so the export names the embedded CLIP
-    generator_path = export_generator(result.checkpoint, work / "demo_generator.pt")
+    generator_path = export_generator(result.checkpoint, work / DEMO_GENERATOR.name)
 
     t0 = time.perf_counter()
-    quality = measure_quality(generator_path, features, seed=seed)
+    quality = measure_quality(generator_path, features, seed=seed, clip=clip)
     lap("quality", t0)
-    write_example_grid(generator_path, work / "demo_grid.png", clip=clip)
+    write_example_grid(generator_path, work / DEMO_GRID.name, clip=clip)
     # Ship: the CLIP, the generator and the grid are copied into assets/ together, at the end.
-    for name in ("demo_clip.pt", "demo_generator.pt", "demo_grid.png"):
+    for name in (DEMO_CLIP.name, DEMO_GENERATOR.name, DEMO_GRID.name):
         copy_atomic(work / name, assets / name)
 
     report = dict(
@@ -178,7 +179,7 @@ def demo_train_config(steps: int, *, seed: int = 0):
 
 def write_example_grid(generator_path: str | os.PathLike, out: str | os.PathLike, *, clip, seed: int = 0) -> Path:
     """The README's example: the demo prompts x 4 seeds at 128 px, with captions."""
-    from ..pictures import prompt_grid
+    from ..pictures import prompt_grid, save_png
     from ..sample import generate_from_features, load_generator
 
     model = load_generator(generator_path, device="cpu")
@@ -186,9 +187,7 @@ def write_example_grid(generator_path: str | os.PathLike, out: str | os.PathLike
     text = clip.encode_text(list(DEMO_PROMPTS)).cpu().repeat_interleave(len(seeds), dim=0)
     images = generate_from_features(model, text, seeds * len(DEMO_PROMPTS))
     picture = prompt_grid(images[-1], list(DEMO_PROMPTS), seeds, size=128)
-    out = Path(out)
-    picture.save(out, optimize=True)
-    return out
+    return save_png(picture, out, optimize=True)
 
 
 # --------------------------------------------------------------------------- command line

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from ..assets import ASSETS, PREVIEW_CAPTIONS
-from ..pictures import preview_picture, save_png, stage_panel
+from ..pictures import dequantize, preview_picture, save_png, stage_panel
 from ..toyfaces import toy_face
 
 TOY_SEED = 0  # the toy faces of notebook 01's smoke mode (toyfaces:N draws seed 0)
@@ -50,7 +50,7 @@ def toy_pairs(n: int, *, seed: int = TOY_SEED, start: int = 0) -> tuple[torch.Te
     (images [n, 3, 256, 256] in [-1, 1], n captions)."""
     faces = [toy_face(seed, i) for i in range(start, start + n)]
     pixels = np.stack([np.asarray(image.convert("RGB")) for image, _, _ in faces])  # [n, 256, 256, 3] uint8
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    images = dequantize(pixels, channels_last=True)
     return images, [captions[0] for _, _, captions in faces]
 
 

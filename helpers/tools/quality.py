@@ -120,7 +120,7 @@ def measure_quality(
     from ..attributes import attribute_accuracy, load_attribute_classifier
     from ..config import BASE_RESOLUTION
     from ..features import FeaturesDataset, downsample, read_features
-    from ..pictures import quantize
+    from ..pictures import dequantize, quantize
     from ..sample import generate_from_features, load_generator
     from ..toyfaces import IMAGE_SIZE, TOY_ATTRIBUTES, iter_toyfaces
 
@@ -154,7 +154,7 @@ def measure_quality(
     size = model.resolutions[-1]
     real = torch.cat([downsample(torch.stack([test.image(i) for i in range(a, min(a + 256, len(test)))]), size)
                       for a in range(0, len(test), 256)])
-    fake = quantize(images[-1]).float() / 127.5 - 1  # the PNG a user would see
+    fake = dequantize(quantize(images[-1]))  # the PNG a user would see
     extractors = [metrics.RandomConvFeatures()]
     if clip is not None:
         extractors.append(metrics.ClipImageFeatures(clip))
@@ -171,8 +171,7 @@ def measure_quality(
     for index, (image, a, _) in enumerate(iter_toyfaces(4000, seed=seed + 7777)):
         key = tuple(a[n] for n in TOY_ATTRIBUTES)
         if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
-            arr = torch.from_numpy(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION))).permute(2, 0, 1)
-            real_pool[key].append(arr.float() / 127.5 - 1)
+            real_pool[key].append(dequantize(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION)), channels_last=True))
     gen_d, real_d = [], []
     for i in picks[:diversity_prompts].tolist():
         key = tuple(values[i].tolist())

@@ -10,9 +10,7 @@ held-out faces at 64, 128 and 256 px, and stores that table in the file (``repor
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attributes import CLASSIFIER_KIND, DEFAULT_PATH, INPUT_SIZE, AttributeClassifier, attribute_accuracy, to_tensor
-from ..checkpoint import CHECKPOINT_FORMAT
+from ..attributes import (
+    DEFAULT_PATH,
+    INPUT_SIZE,
+    AttributeClassifier,
+    attribute_accuracy,
+    save_attribute_classifier,
+    to_tensor,
+)
 from ..config import stage_resolutions
-from ..files import atomic_save
 from ..toyfaces import TOY_ATTRIBUTES, toy_face
 
 TRAIN_SEED_OFFSET = 10_000  # toy faces for training come from toy seed 10_000 + seed ...
@@ -136,18 +139,6 @@ def train_attribute_classifier(
         "mean": {str(r): acc["mean"] for r, acc in accuracy.items()},
     }
     return model, report
-
-
-def save_attribute_classifier(model: AttributeClassifier, path: str | os.PathLike, *, report: dict[str, Any]) -> Path:
-    """Write the classifier (fp16 weights, attribute names, width, training report) atomically."""
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    return atomic_save(
-        {
-            "format": CHECKPOINT_FORMAT, "kind": CLASSIFIER_KIND, "attributes": list(TOY_ATTRIBUTES),
-            "width": model.features[0].out_channels, "state_dict": state, "report": report,
-        },
-        path,
-    )
 
 
 def format_report(report: dict[str, Any]) -> str:
