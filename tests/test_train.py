@@ -25,6 +25,7 @@ from helpers.train import (
     apply_overrides,
     plot_loss_curves,
     pseudo_text_features,
+    read_metrics,
     run_config,
     train,
     train_preset,
@@ -448,3 +449,16 @@ def test_the_d_step_moves_no_statistics_of_a_head_no_loss_reads(trainer_and_batc
     trainer.train_step(batch)
     # one D step (real images) and one G step (fakes): the detached fakes of the D step are not counted
     assert int(align_norm.num_batches_tracked) == 2
+
+
+def test_a_resume_from_the_mirror_alone_keeps_the_mirrors_metrics(synthetic_features, tmp_path, tiny_clip):
+    import shutil
+
+    mirror = tmp_path / "drive"
+    train(synthetic_features, tmp_path / "run", tiny_config(steps=2, mirror_dir=str(mirror)), clip=tiny_clip,
+          progress=False)
+    shutil.rmtree(tmp_path / "run")  # a new Colab runtime: only Drive is left
+    result = train(synthetic_features, tmp_path / "run", None, overrides={"steps": 4, "mirror_dir": str(mirror)},
+                   resume=True, clip=tiny_clip, progress=False)
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(mirror / "metrics.jsonl")] == [1, 2, 3, 4]
