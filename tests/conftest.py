@@ -53,3 +53,18 @@ def write_synthetic_features(path, *, n: int = 12, dim: int = 32, captions_per_i
 def synthetic_features(tmp_path):
     """Path of a 12-image synthetic features file (9 train, 3 test, dim 32, tiny-random CLIP)."""
     return write_synthetic_features(tmp_path / "features.pt")
+
+
+@pytest.fixture
+def toy_features(synthetic_features):
+    """The synthetic features file dressed up as toy faces: random toy attributes per image."""
+    from helpers.files import atomic_save
+    from helpers.toyfaces import TOY_ATTRIBUTES
+
+    data = torch.load(synthetic_features, weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(len(data["ids"]), len(TOY_ATTRIBUTES), generator=g) < 0.5
+    data["attributes"] = dict(names=list(TOY_ATTRIBUTES), values=values)
+    data["meta"]["source_kind"] = "toyfaces"
+    atomic_save(data, synthetic_features)
+    return synthetic_features

@@ -43,7 +43,7 @@ def test_the_runtime_never_imports_the_maintainer_tools():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", ["bench", "build-demo", "train-classifier"])
+@pytest.mark.parametrize("command", ["bench", "build-demo", "train-classifier", "quality"])
 def test_the_maintainer_commands_keep_their_names(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr

@@ -104,20 +104,6 @@ def test_bad_inputs_are_clear(tiny_checkpoint, synthetic_features):
         evaluate(tiny_checkpoint, synthetic_features, stage=3, device="cpu", progress=False)
 
 
-@pytest.fixture
-def toy_features(synthetic_features):
-    """The synthetic features file dressed up as toy faces: random toy attributes per image."""
-    from helpers.toyfaces import TOY_ATTRIBUTES
-
-    data = torch.load(synthetic_features, weights_only=False)
-    g = torch.Generator().manual_seed(0)
-    values = torch.rand(len(data["ids"]), len(TOY_ATTRIBUTES), generator=g) < 0.5
-    data["attributes"] = dict(names=list(TOY_ATTRIBUTES), values=values)
-    data["meta"]["source_kind"] = "toyfaces"
-    atomic_save(data, synthetic_features)
-    return synthetic_features
-
-
 def test_attribute_accuracy_on_toy_faces(tiny_checkpoint, toy_features, monkeypatch):
     from helpers import attributes
     from helpers.checkpoint import CheckpointError

@@ -20,7 +20,9 @@ generator never saw), ``measure_quality`` reports:
   against);
 - **diversity ratio**: pairwise distance between seeds of one prompt over that of
   real faces with the same attributes (1 = as varied as real faces);
-- **seconds per step** of the training that led there.
+- **seconds per step**: after every variant has trained, each one's step is timed
+  alone (``time_steps``: the median of 20 steps after 3 warm-up ones), so that no
+  measurement or other variant shares the machine with the timing.
 
 One JSON per variant (``WORK/NAME.json``) and one side-by-side table (``WORK/table.md``).
 ``build-demo`` measures the demo generator with the same ``measure_quality``.
@@ -100,6 +102,7 @@ def measure_quality(
     seed: int = 0,
     diversity_prompts: int = 20,
     diversity_seeds: int = 8,
+    real_pool_faces: int = 4000,
     clip: Any = None,
 ) -> dict[str, Any]:
     """Attribute accuracy and recall, artifacts, FID/KID and diversity of a generator trained on toy faces.
@@ -114,7 +117,8 @@ def measure_quality(
     Diversity: for ``diversity_prompts`` held-out captions, the mean pairwise RMS
     distance (64 px) between ``diversity_seeds`` generated images, divided by the
     same distance between real toy faces that have exactly the caption's
-    attributes. About 1 means as varied as real faces; near 0 means mode collapse.
+    attributes (looked for among ``real_pool_faces`` freshly drawn ones). About 1
+    means as varied as real faces; near 0 means mode collapse.
     """
     from .. import metrics
     from ..attributes import attribute_accuracy, load_attribute_classifier
@@ -168,7 +172,7 @@ def measure_quality(
     # Diversity against real faces with the same attributes.
     real_pool: dict[tuple[bool, ...], list[Tensor]] = {}
     needed = {tuple(values[i].tolist()) for i in picks[:diversity_prompts].tolist()}
-    for index, (image, a, _) in enumerate(iter_toyfaces(4000, seed=seed + 7777)):
+    for image, a, _ in iter_toyfaces(real_pool_faces, seed=seed + 7777):
         key = tuple(a[n] for n in TOY_ATTRIBUTES)
         if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
             real_pool[key].append(dequantize(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION)), channels_last=True))
@@ -283,19 +287,42 @@ def run_variant(
     return report
 
 
+def time_steps(cfg: Any, features: str | os.PathLike, *, clip: Any, steps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one training step of ``cfg`` on batches of ``features`` (a fresh trainer, CPU)."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    from ..features import FeaturesDataset
+    from ..trainer import Trainer
+
+    data = FeaturesDataset(features, split="train", num_stages=cfg.model.num_stages)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_dim=data.dim))
+    trainer = Trainer(cfg, clip=clip)
+    loader = iter(DataLoader(data, batch_size=cfg.batch_size, shuffle=False, drop_last=True))
+    times = []
+    for i in range(warmup + steps):
+        batch = next(loader)
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def summary_line(point: dict[str, Any]) -> str:
     """One line of a measurement: accuracy, minimum recall, artifact ratio, FIDs, diversity, s/step."""
     fids = ", ".join(f"FID {k.split(' ')[0]} {v['fid']:.3g}" for k, v in point["distances"].items())
     return (f"accuracy {point['attribute_accuracy']:.3f}, min recall {point['min_recall']:.2f}, "
             f"artifacts {point['artifact_index']['ratio']:.2f}x real, {fids}, "
-            f"diversity {point['diversity'].get('ratio', float('nan')):.2f}, {point['seconds_per_step']:.2f} s/step")
+            f"diversity {point['diversity'].get('ratio', float('nan')):.2f}")
 
 
 def format_table(reports: list[dict[str, Any]]) -> str:
     """The side-by-side markdown table of every variant at every measured point."""
     extractors = sorted({k for r in reports for p in r["points"] for k in p["distances"]})
     head = ["variant", "settings", "steps", "accuracy", "min recall", "artifacts / real"]
-    head += [f"FID ({e.split(' (')[0]})" for e in extractors] + ["diversity", "s / step"]
+    head += [f"FID ({e.split(' (')[0]})" for e in extractors] + ["diversity", "s / step (timed alone)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in reports:
         settings = " ".join(r["overrides"]) if isinstance(r["overrides"], list) else str(r["overrides"] or "")
@@ -303,7 +330,8 @@ def format_table(reports: list[dict[str, Any]]) -> str:
             fids = [f"{p['distances'][e]['fid']:.3g}" if e in p["distances"] else "-" for e in extractors]
             cells = [r["name"], settings or "(the demo recipe)", str(p["step"]), f"{p['attribute_accuracy']:.3f}",
                      f"{p['min_recall']:.2f}", f"{p['artifact_index']['ratio']:.2f}", *fids,
-                     f"{p['diversity'].get('ratio', float('nan')):.2f}", f"{p['seconds_per_step']:.2f}"]
+                     f"{p['diversity'].get('ratio', float('nan')):.2f}",
+                     f"{r['timed_seconds_per_step']:.3f}" if r.get("timed_seconds_per_step") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -346,8 +374,13 @@ def run(args: argparse.Namespace) -> int:
     points = tuple(int(p) for p in str(args.points).split(",") if p.strip())
     clip = load_clip("demo", device="cpu")
     features = toyface_features(args.work_dir, num_faces=args.num_faces, seed=args.seed, clip=clip)
-    for name, *overrides in args.variant:
-        run_variant(name, list(overrides), features, args.work_dir, points=points, seed=args.seed,
-                    stages=args.stages, clip=clip, on_log=say)
+    reports = [run_variant(name, list(overrides), features, args.work_dir, points=points, seed=args.seed,
+                           stages=args.stages, clip=clip, on_log=say) for name, *overrides in args.variant]
+    torch.set_flush_denormal(True)  # as training runs on the CPU
+    for report in reports:  # timed alone, after every run and measurement is done
+        cfg = variant_config(report["overrides"], steps=1, seed=args.seed, stages=report["stages"])
+        report["timed_seconds_per_step"] = time_steps(cfg, features, clip=clip)
+        write_json(Path(args.work_dir) / f"{report['name']}.json", report)
+        say(f"{report['name']}: {report['timed_seconds_per_step']:.3f} s per step")
     say(f"table: {write_table(args.work_dir)}")
     return 0
