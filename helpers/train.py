@@ -295,10 +295,10 @@ def _loop(
         return max(trainer.step - 1, 0) // steps_per_epoch
 
     def save(*, snapshot: bool) -> None:
-        state = trainer.state_dict()
+        weights = trainer.state_dict()
         if standing_text is not None and run.writer:  # G_ema's BatchNorm statistics for its own weights
-            state["G_ema"] = trainer.standing_ema_state(standing_text)
-        run.save_checkpoint(cfg, state, snapshot=snapshot, epoch=epoch(), **meta)
+            weights["G_ema"] = trainer.standing_ema_state(standing_text)
+        run.save_checkpoint(cfg, weights, snapshot=snapshot, epoch=epoch(), **meta)
         state["saved_step"] = trainer.step
 
     def preview() -> None:
