@@ -348,8 +348,6 @@ class Trainer:
             z = torch.randn(chunk.shape[0], self.cfg.model.z_dim, generator=rng, device=self.device)
             with self.autocast():
                 ema(chunk, z, generator=rng)
-        for m in norms:
-            m.momentum = 0.1
         return {k: v.detach().clone() for k, v in ema.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:

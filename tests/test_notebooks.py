@@ -63,6 +63,8 @@ def test_bootstrap_then_settings_cell(name):
     assert f'"{nb.REPO_URL_ENV}", "{nb.repo_url({})}"' in src  # the clone address helpers names too
     assert '"git", "clone"' in src
     assert 'helpers" / "__init__.py"' in src and "parents" in src  # elsewhere: find the repository root
+    assert '(ROOT / "helpers").is_dir()' in src  # a leftover folder without the package is cloned again
+    assert "raise RuntimeError(" in src  # outside the repository: say where to open the notebook
     assert src.rstrip().endswith('print("\\n".join(nb.setup(mount=MOUNT_DRIVE)))')
     # the rest (pip, chdir, Drive) is nb.setup's: the cell only makes helpers importable
     code = "\n".join(code_lines(src))
@@ -128,6 +130,7 @@ def test_no_shell_scripts_and_no_definitions(name):
             stripped = line.strip()
             assert not stripped.startswith(("!", "%%", "%run", "%sx")), f"{name}: shell line {line!r}"
             assert "!python" not in stripped and "os.system" not in stripped
+            assert "cuda.is_available() else" not in stripped, f"{name}: ask helpers.devices for the device"
             assert not re.match(r"(def|class) ", line), f"{name}: define it in helpers, not in a notebook"
         if index > 0:
             assert "subprocess" not in cell.source, f"{name}: call the function, do not run a command"

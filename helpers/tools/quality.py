@@ -31,6 +31,7 @@ One JSON per variant (``WORK/NAME.json``) and one side-by-side table (``WORK/tab
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -261,8 +262,6 @@ def run_variant(
     run_dir, out = work / "runs" / name, work / f"{name}.json"
     report: dict[str, Any] = dict(name=name, overrides=overrides, stages=stages, seed=seed, points=[])
     if out.is_file():
-        import json
-
         previous = json.loads(out.read_text())
         if previous.get("overrides") == overrides and previous.get("stages") == stages:
             report = previous
@@ -338,8 +337,6 @@ def format_table(reports: list[dict[str, Any]]) -> str:
 
 def write_table(work_dir: str | os.PathLike) -> Path:
     """``WORK/table.md`` from every ``WORK/*.json`` variant report."""
-    import json
-
     from ..files import atomic_write_bytes
 
     work = Path(work_dir)
