@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..assets import ASSETS, DEMO_CLIP, DEMO_GENERATOR, DEMO_GRID, DEMO_REPORT
-from .quality import measure_quality, pairwise_distance  # noqa: F401  (pairwise_distance: re-exported)
+from .quality import measure_quality, pairwise_distance, toyface_features, toyface_folder  # noqa: F401 (re-exported)
 from ..files import write_json
 
 DEMO_PROMPTS = (
@@ -83,8 +83,7 @@ def build_demo(
     from ..checkpoint import export_generator
     from ..files import copy_atomic
     from ..clip_encoder import load_clip, save_clip
-    from ..extract import assign_split, extract_features
-    from ..toyfaces import write_toyfaces
+    from ..extract import assign_split
     from ..run_folder import latest_checkpoint
     from ..train import train
     from .demo_clip import DEMO_CLIP_CONFIG, retrieval_top1, train_clip
@@ -99,9 +98,7 @@ def build_demo(
         _log(on_log, f"{name}: {timings[name]:.0f} s")
 
     t0 = time.perf_counter()
-    faces = work / "toyfaces"
-    if not (faces / "attributes.csv").is_file():  # written last: its presence means the folder is complete
-        write_toyfaces(faces, n=num_faces, seed=seed)
+    faces = toyface_folder(work, num_faces=num_faces, seed=seed)
     lap("toy faces", t0)
 
     # The CLIP learns from the training split only: the test split stays held out.
@@ -128,9 +125,7 @@ def build_demo(
     t0 = time.perf_counter()
     clip = load_clip(str(work_clip), device=device)
     clip.spec = "demo"  # the features, the run and the shipped generator all name the embedded CLIP
-    features = work / "features.pt"
-    if not features.is_file():
-        extract_features(faces, features, clip=clip, captions_per_image=10, split="auto", seed=seed, device=device)
+    features = toyface_features(work, num_faces=num_faces, seed=seed, clip=clip, device=device)
     lap("extraction", t0)
 
     t0 = time.perf_counter()

@@ -210,23 +210,30 @@ def measure_quality(
 # --------------------------------------------------------------------------- the harness
 
 
-def toyface_features(work_dir: str | os.PathLike, *, num_faces: int = 12000, seed: int = 0, clip: Any = None) -> Path:
-    """The toy faces features the harness trains and measures on, made once in ``work_dir``.
+def toyface_folder(work_dir: str | os.PathLike, *, num_faces: int = 12000, seed: int = 0) -> Path:
+    """``WORK/toyfaces``: ``num_faces`` drawn toy faces with captions, drawn once (``build-demo``'s too)."""
+    from ..toyfaces import write_toyfaces
+
+    faces = Path(work_dir) / "toyfaces"
+    if not (faces / "attributes.csv").is_file():  # written last: its presence means the folder is complete
+        write_toyfaces(faces, n=num_faces, seed=seed)
+    return faces
+
+
+def toyface_features(
+    work_dir: str | os.PathLike, *, num_faces: int = 12000, seed: int = 0, clip: Any = None, device: Any = None,
+) -> Path:
+    """``WORK/features.pt``: the toy faces of ``toyface_folder`` extracted with ``clip``, made once.
 
     The same faces, split and captions as ``build-demo`` (seed 0): the shipped demo
     CLIP learned from the training split only, so the test split stays held out.
     """
     from ..extract import extract_features
-    from ..toyfaces import write_toyfaces
 
-    work = Path(work_dir)
-    features = work / "features.pt"
-    if features.is_file():
-        return features
-    faces = work / "toyfaces"
-    if not (faces / "attributes.csv").is_file():  # written last: its presence means the folder is complete
-        write_toyfaces(faces, n=num_faces, seed=seed)
-    extract_features(faces, features, clip=clip, captions_per_image=10, split="auto", seed=seed)
+    features = Path(work_dir) / "features.pt"
+    if not features.is_file():
+        faces = toyface_folder(work_dir, num_faces=num_faces, seed=seed)
+        extract_features(faces, features, clip=clip, captions_per_image=10, split="auto", seed=seed, device=device)
     return features
 
 
