@@ -16,3 +16,4 @@ ATTRIBUTE_CLASSIFIER = ASSETS / "attribute_classifier.pt"  # the toy-face attrib
 PREVIEW_CAPTIONS = ASSETS / "preview_captions.txt"  # the fixed captions of training previews
 DEMO_GRID = ASSETS / "demo_grid.png"  # the README's example grid
 DEMO_REPORT = ASSETS / "demo_report.json"  # what the demo build measured
+DEMO_BEFORE_AFTER = ASSETS / "demo_before_after.png"  # the README's picture of the demo before and after a recipe change

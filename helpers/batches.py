@@ -4,7 +4,9 @@ The dataset picks captions and mismatched captions at random; seeding each item
 by its position in the run (``SeededItems``) and drawing each epoch's order from
 the run's seed (``RunBatches``) makes the data stream independent of worker
 processes, identical after a resume, and split exactly between torchrun's
-processes.
+processes. With ``balance_weights`` an epoch draws its images with replacement,
+in proportion to their weights, so that images with rare attributes come more
+often (the order is just as seeded).
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
+def balance_weights(attributes: Tensor, power: float) -> Tensor:
+    """Sampling weights that favour images with rare attributes: bool [N, A] -> float [N] (mean 1).
+
+    Each image weighs ``(1 / f) ** power`` for the rarest attribute it has, ``f``
+    being that attribute's frequency among the N images (an image with none
+    weighs 1). ``power`` 0 gives uniform weights; 0.5 is square-root balancing
+    (Mahajan et al. 2018), which raises rare attributes without repeating a few
+    images as often as full inverse-frequency weights (1) would.
+    """
+    if attributes.ndim != 2 or len(attributes) == 0:
+        raise ValueError(f"attributes must be bool [N, A] with N >= 1, got shape {list(attributes.shape)}")
+    if power < 0:
+        raise ValueError(f"power must be >= 0, got {power}")
+    present = attributes.bool()
+    freq = present.float().mean(0).clamp_min(1.0 / len(present))  # [A]
+    rarity = torch.where(present, (1.0 / freq) ** power, torch.ones(()))  # [N, A]
+    weights = rarity.amax(dim=1) if present.shape[1] else torch.ones(len(present))
+    return weights / weights.mean()
+
+
 class RunBatches(Sampler):
     """Batches of ``(index, item_seed)`` for steps ``start_step`` .. ``total_steps - 1`` of a run.
 
@@ -47,10 +69,13 @@ class RunBatches(Sampler):
     batch of an epoch is dropped (G's BatchNorm1d cannot take a batch of one,
     and every step then has the same batch size). ``rank`` / ``world_size``
     split each global batch between processes for distributed training.
+    ``weights`` [n] (``balance_weights``): each epoch's n images are drawn with
+    replacement in proportion to them instead of a permutation.
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, seed: int, start_step: int, total_steps: int, rank: int = 0, world_size: int = 1
+        self, n: int, batch_size: int, *, seed: int, start_step: int, total_steps: int, rank: int = 0, world_size: int = 1,
+        weights: Tensor | None = None,
     ) -> None:
         if n < batch_size:
             raise UserError(
@@ -61,11 +86,18 @@ class RunBatches(Sampler):
         self.start_step, self.total_steps = start_step, total_steps
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = n // batch_size
+        if weights is not None and weights.shape != (n,):
+            raise ValueError(f"weights must have shape [{n}], got {list(weights.shape)}")
+        self.weights = weights
 
     def epoch_order(self, epoch: int) -> tuple[Tensor, Tensor]:
         """(permutation [n], item seeds [n]) of ``epoch``."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g), torch.randint(0, 2**62, (self.n,), generator=g)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights.double(), self.n, replacement=True, generator=g)
+        return order, torch.randint(0, 2**62, (self.n,), generator=g)
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step)

@@ -17,6 +17,11 @@ Rules, so that a caption can be checked against its attributes:
 
 Every sentence is built by one seeded ``random.Random``, so the same attributes and seed always
 give the same captions.
+
+``everyday_captions`` says the same attributes the way people type prompts: "a blonde lady with
+glasses", "smiling guy with a beard and a cap" (everyday words: blonde, lady, guy, spectacles,
+cap, beard, fringe, grey). The toy faces carry both kinds, so that the demo CLIP and the demo
+generator learn both.
 """
 
 from __future__ import annotations
@@ -225,3 +230,91 @@ def captions_for_attributes(
         if caption not in captions or attempt >= n * 10:  # allow repeats only when variety runs out
             captions.append(caption)
     return captions
+
+
+# --------------------------------------------------------------------------- everyday prompts
+
+# Everyday words for an attribute, as an adjective before the noun ("a blonde lady") ...
+_EVERYDAY_ADJECTIVES: dict[str, tuple[str, ...]] = {
+    "Blond_Hair": ("blonde", "blond", "fair-haired"),
+    "Black_Hair": ("black-haired", "dark-haired"),
+    "Brown_Hair": ("brown-haired", "brunette"),
+    "Gray_Hair": ("gray-haired", "grey-haired", "silver-haired"),
+    "Smiling": ("smiling", "happy", "cheerful"),
+    "Young": ("young",),
+    "Bald": ("bald",),
+    "Chubby": ("chubby",),
+    "Attractive": ("pretty", "handsome"),
+}
+# ... and as a "with ..." phrase ("a man with grey hair and a moustache").
+_EVERYDAY_WITH: dict[str, tuple[str, ...]] = {
+    "Blond_Hair": ("blonde hair", "blond hair", "fair hair"),
+    "Black_Hair": ("black hair", "dark hair"),
+    "Brown_Hair": ("brown hair", "brunette hair"),
+    "Gray_Hair": ("grey hair", "gray hair", "silver hair"),
+    "Smiling": ("a smile", "a big smile"),
+    "Eyeglasses": ("glasses", "spectacles", "specs", "eyeglasses"),
+    "Wearing_Hat": ("a hat", "a cap"),
+    "Bangs": ("bangs", "a fringe"),
+    "Wearing_Lipstick": ("lipstick", "red lips"),
+    "Mustache": ("a moustache", "a mustache", "a mustache on the upper lip"),
+    "Goatee": ("a goatee", "a beard", "a chin beard"),
+    "Wearing_Earrings": ("earrings",),
+    "Wearing_Necklace": ("a necklace",),
+    "Wearing_Necktie": ("a tie",),
+    "5_o_Clock_Shadow": ("stubble",),
+    "Sideburns": ("sideburns",),
+    "Wavy_Hair": ("wavy hair",),
+    "Straight_Hair": ("straight hair",),
+}
+_EVERYDAY_NOUNS = {True: ("man", "guy", "gentleman", "fellow"), False: ("woman", "lady", "girl")}
+_EVERYDAY_STARTS = ("", "", "a ", "a ", "photo of a ", "portrait of a ", "a picture of a ")
+
+
+def everyday_captions(
+    attributes: Mapping[str, bool] | Iterable[str], *, n: int = 4, seed: int = 0
+) -> list[str]:
+    """``n`` short prompts in everyday words for a face with the given CelebA attributes.
+
+    Like ``captions_for_attributes`` (the same argument rules, and a prompt mentions only
+    present attributes, every one of them when at most ``MAX_MENTIONS`` can be said) but as
+    people type them: "a blonde lady with glasses", "smiling guy with a beard and a cap",
+    lower case, no full stop. Attributes with no everyday word (e.g. ``Big_Nose``) use
+    the grammar's phrase. Deterministic for the same attributes and seed.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0 captions, got {n}")
+    present = _present_attributes(attributes)
+    male = "Male" in present
+    sayable = sorted(name for name in present if name not in _NEVER_SAID | {"No_Beard"})
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    for attempt in range(n * 20):
+        if len(prompts) == n:
+            break
+        chosen = sayable if len(sayable) <= MAX_MENTIONS else rng.sample(sayable, MAX_MENTIONS)
+        rng.shuffle(chosen := list(chosen))
+        before: list[str] = []
+        rest: list[str] = []
+        for name in chosen:
+            if name in _EVERYDAY_ADJECTIVES and (name not in _EVERYDAY_WITH or rng.random() < 0.5) and len(before) < 2:
+                before.append(rng.choice(_EVERYDAY_ADJECTIVES[name]))
+            else:
+                rest.append(name)
+        # "wearing glasses and a cap" when every remaining thing is worn, else "with ..."
+        wearing = bool(rest) and all(name in _WORN for name in rest) and rng.random() < 0.4
+        after = [_phrase(name, _WORN, male, rng) if wearing
+                 else rng.choice(_EVERYDAY_WITH[name]) if name in _EVERYDAY_WITH
+                 else _phrase(name, _ADJECTIVES if name in _ADJECTIVES else _FEATURES if name in _FEATURES else _WORN,
+                              male, rng)
+                 for name in rest]
+        start = rng.choice(_EVERYDAY_STARTS)
+        words = " ".join([*before, rng.choice(_EVERYDAY_NOUNS[male])])
+        if start.endswith("a ") and words[0] in "aeiou":
+            start = start[:-2] + "an "
+        prompt = start + words
+        if after:
+            prompt += (" wearing " if wearing else " with ") + _join(after, rng)
+        if prompt not in prompts or attempt >= n * 10:
+            prompts.append(prompt)
+    return prompts

@@ -75,6 +75,7 @@ class ModelConfig:
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
     d_norm: str = "batch"  # discriminator normalisation: "batch" (BatchNorm, reference) or "none"
     d_spectral_norm: bool = False  # spectral normalisation of every discriminator convolution (Miyato et al.)
+    d_clip_head: bool = False  # the last stage's D also judges the run's frozen CLIP image features (GALIP)
 
     def __post_init__(self) -> None:
         check_num_stages(self.num_stages)
@@ -128,7 +129,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=256, nd=8, num_stages=3),
     # the bootcamp's network exactly (its bugs fixed), every recipe switch at its reference value
     "reference": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3, upsample="deconv",
-                      ca_init_gain=None, d_norm="batch", d_spectral_norm=False),
+                      ca_init_gain=None, d_norm="batch", d_spectral_norm=False, d_clip_head=False),
 }
 
 

@@ -35,6 +35,8 @@ class LossWeights(Protocol):
 
     uncond_weight: float  # unconditional real/fake terms (0: off)
     r1_weight: float  # gamma of the R1 penalty on real images (0: off)
+    ma_gp_weight: float  # k of the matching-aware gradient penalty (0: off)
+    reg_every: int  # the penalties run every this many steps, weighted by it
     align_weight: float  # gamma: D's alignment InfoNCE (0: off)
     clip_weight: float  # lambda: the CLIP InfoNCE on generated images
 
@@ -121,7 +123,7 @@ def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tenso
 
 def d_stage_losses(
     real: DiscOutput, fake: DiscOutput, text: Tensor, *, weights: LossWeights, contrast: Contrast,
-    r1: Tensor | None = None,
+    r1: Tensor | None = None, ma_gp: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """One discriminator's loss terms for a step.
 
@@ -129,8 +131,11 @@ def d_stage_losses(
     for another sample's, or None to leave StackGAN's mismatched term out);
     fake: the heads on the detached fakes. text [B, D]: the real images' text
     features, for the alignment InfoNCE (``contrast``); r1: ``r1_penalty`` of the real
-    batch, or None. Terms: ``cond`` (always), ``uncond`` (weight > 0), ``align`` (weight > 0),
-    ``r1`` (when given, weighted gamma / 2), and ``total``, their weighted sum.
+    batch, or None; ma_gp: ``matching_aware_penalty`` of it, or None. Terms: ``cond``
+    (always), ``uncond`` (weight > 0), ``align`` (weight > 0), ``r1`` (when given, weighted
+    gamma / 2), ``ma_gp`` (when given, weighted k), and ``total``, their weighted sum. The
+    penalties are computed every ``reg_every`` steps only, so their weights are multiplied
+    by it (StyleGAN2's lazy regularisation keeps the same average strength).
     """
     terms = dict(cond=d_adversarial_loss(real.cond, fake.cond, real.mismatched))
     total = terms["cond"]
@@ -142,19 +147,49 @@ def d_stage_losses(
         total = total + weights.align_weight * terms["align"]
     if r1 is not None:
         terms["r1"] = r1
-        total = total + 0.5 * weights.r1_weight * r1
+        total = total + 0.5 * weights.r1_weight * weights.reg_every * r1
+    if ma_gp is not None:
+        terms["ma_gp"] = ma_gp
+        total = total + weights.ma_gp_weight * weights.reg_every * ma_gp
     terms["total"] = total
     return terms
 
 
-def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
+def _input_gradients(output: Tensor, inputs: tuple[Tensor, ...], scale: float | None) -> list[Tensor]:
+    """d output / d inputs (graph kept), in fp32. With ``scale`` (fp16 training: the GradScaler's
+    current scale) the output is scaled before differentiating and the gradients unscaled after,
+    as PyTorch's AMP recipe for gradient penalties does, so small fp16 gradients do not underflow."""
+    if scale is None:
+        return [g.float() for g in torch.autograd.grad(output, inputs, create_graph=True)]
+    grads = torch.autograd.grad(output * scale, inputs, create_graph=True)
+    return [g.float() / scale for g in grads]
+
+
+def r1_penalty(real_logits: Tensor, real_images: Tensor, *, scale: float | None = None) -> Tensor:
     """R1 (Mescheder et al. 2018): mean over the batch of |d sum(real_logits) / d real_images|^2.
 
     real_logits [B] computed from real_images [B, 3, H, W] (which require grad); the
     graph is kept, so the penalty itself can be backpropagated into D's weights.
+    ``scale``: the fp16 GradScaler's scale, or None (see ``_input_gradients``).
     """
-    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
-    return grad.float().pow(2).flatten(1).sum(1).mean()
+    (grad,) = _input_gradients(real_logits.float().sum(), (real_images,), scale)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def matching_aware_penalty(
+    cond_logits: Tensor, real_images: Tensor, condition: Tensor, *, power: float = 6.0, scale: float | None = None,
+) -> Tensor:
+    """DF-GAN's matching-aware gradient penalty (Tao et al. 2022): mean over the batch of
+    |(d cond_logits / d real_images, d cond_logits / d condition)| ** power.
+
+    cond_logits [B]: D's conditional verdict on real images [B, 3, H, W] with their own
+    condition [B, C] (both require grad). Flattening D around the matching pairs
+    smooths it where generated pairs must go. DF-GAN: power 6, weight 2. ``scale``: as for
+    ``r1_penalty``.
+    """
+    grads = _input_gradients(cond_logits.float().sum(), (real_images, condition), scale)
+    norm = torch.cat([g.flatten(1) for g in grads], dim=1).norm(dim=1)
+    return norm.pow(power).mean()
 
 
 def g_stage_losses(

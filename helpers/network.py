@@ -17,6 +17,7 @@ optimisers, no stored devices.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import copy
 from typing import NamedTuple, Protocol
 
@@ -354,9 +355,70 @@ class Discriminator(nn.Module):
         return self.heads(self.features(images), condition, mismatched=mismatched)
 
 
+class ClipAidedDiscriminator(Discriminator):
+    """The last stage's discriminator with a second opinion read from frozen CLIP image features.
+
+    As GALIP (Tao et al. 2023) and Vision-aided GAN (Kumari et al. 2022) do, a small
+    head judges the run's own CLIP embedding of the images; it is text-conditioned
+    by projection (Miyato & Koyama 2018): logit = psi(h) + <W c, h>, with h an MLP
+    of the embedding [B, text_dim] and c the condition [B, cond_dim]. That logit is
+    added to the conv heads' conditional (and mismatched) logits. The CLIP itself
+    is not part of D's weights: ``attach_clip`` hands it the embedding function
+    (``ClipEncoder.embed_generated``: images in [-1, 1] -> [B, text_dim],
+    differentiable with respect to the images).
+    """
+
+    def __init__(self, cfg: ModelConfig, stage: int) -> None:
+        super().__init__(cfg, stage)
+        hidden = 2 * cfg.text_dim
+        self.clip_trunk = nn.Sequential(
+            nn.Linear(cfg.text_dim, hidden), nn.LeakyReLU(LEAK, inplace=True),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(LEAK, inplace=True),
+        )
+        self.clip_psi = nn.Linear(hidden, 1)
+        self.clip_project = nn.Linear(cfg.cond_dim, hidden, bias=False)
+        self.embed: Callable[[Tensor], Tensor] | None = None
+
+    def attach_clip(self, embed: Callable[[Tensor], Tensor]) -> None:
+        """Give the discriminator the frozen CLIP's embedding function (not saved with its weights)."""
+        self.embed = embed
+
+    def features(self, images: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """images [B, 3, H, W] in [-1, 1] -> (conv features [B, 8nd, 4, 4], CLIP-head features [B, 2 * text_dim])."""
+        if self.embed is None:
+            raise RuntimeError("a ClipAidedDiscriminator needs attach_clip(clip.embed_generated) before use")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # the math kernel: R1 and MA-GP differentiate through CLIP's attention twice, which the
+        # fused attention kernels (flash, memory-efficient, CPU flash) cannot
+        with sdpa_kernel(SDPBackend.MATH):
+            embedding = self.embed(images).float()
+        return super().features(images), self.clip_trunk(embedding)
+
+    def heads(  # type: ignore[override]
+        self, features: tuple[Tensor, Tensor], condition: Tensor | None = None, *, mismatched: Tensor | None = None,
+        align: bool = True,
+    ) -> DiscOutput:
+        conv, h = features
+        out = super().heads(conv, condition, mismatched=mismatched, align=align)
+        psi = self.clip_psi(h).squeeze(1)
+
+        def projected(c: Tensor) -> Tensor:
+            return psi + (self.clip_project(c.float()) * h).sum(1)
+
+        return out._replace(
+            cond=None if condition is None else out.cond + projected(condition),
+            mismatched=None if mismatched is None else out.mismatched + projected(mismatched),
+        )
+
+
 def build_discriminators(cfg: ModelConfig) -> nn.ModuleList:
-    """One discriminator per stage, in stage order."""
-    return nn.ModuleList([Discriminator(cfg, stage) for stage in range(cfg.num_stages)])
+    """One discriminator per stage, in stage order (the last one CLIP-aided with ``d_clip_head``)."""
+    last = cfg.num_stages - 1
+    return nn.ModuleList([
+        ClipAidedDiscriminator(cfg, stage) if cfg.d_clip_head and stage == last else Discriminator(cfg, stage)
+        for stage in range(cfg.num_stages)
+    ])
 
 
 # --------------------------------------------------------------------------- init and summary

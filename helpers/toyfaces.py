@@ -3,7 +3,9 @@
 Each face is drawn with Pillow from a subset of CelebA's attributes that can be seen at 64 px
 (``TOY_ATTRIBUTES``, seven groups: gender, hair colour, bangs, smile, eyeglasses, hat, lipstick
 and facial hair) and captioned by the CelebA caption grammar (``helpers.captions``), so toy faces
-and real faces go through the same text path. What the attributes do not name varies freely, so
+and real faces go through the same text path; three of a face's ten captions are everyday prompts
+("a blonde lady with glasses", ``everyday_captions``), so that models trained on toy faces also
+understand prompts typed the way people type them. What the attributes do not name varies freely, so
 that a model has to generalise rather than memorise: face width, length and position, skin tone,
 eye colour and size, hair style and volume, the shape of glasses, hats and beards, the colours of
 clothes, hats and frames, and the background colour and gradient.
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .captions import CELEBA_ATTRIBUTES, captions_for_attributes
+from .captions import CELEBA_ATTRIBUTES, captions_for_attributes, everyday_captions
 from .config import STORED_IMAGE_SIZE
 from .files import atomic_write_bytes
 
@@ -53,6 +55,7 @@ ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
     "facial hair": ("Mustache", "Goatee"),
 }
 
+CAPTIONS_PER_FACE, GRAMMAR_CAPTIONS = 10, 7  # the other 3 are everyday prompts
 IMAGE_SIZE = STORED_IMAGE_SIZE  # every toy face is square RGB at the size a features file stores (256 px)
 _UNITS = 256  # the face's geometry is written in units of a 256 px image, scaled to IMAGE_SIZE
 _SUPERSAMPLE = 2  # drawn at twice the size and box-downsampled: smooth edges at little cost
@@ -376,13 +379,16 @@ def draw_face(attributes: Mapping[str, bool], rng: np.random.Generator) -> Image
 
 
 def toy_face(seed: int, index: int) -> tuple[Image.Image, dict[str, bool], list[str]]:
-    """Face ``index`` of the dataset with ``seed``: (256 px RGB image, attributes, 10 captions).
+    """Face ``index`` of the dataset with ``seed``: (256 px RGB image, attributes, 10 captions:
+    ``GRAMMAR_CAPTIONS`` sentences of the caption grammar, then everyday prompts).
 
     It depends only on ``(seed, index)``."""
     rng = np.random.default_rng([seed, index])
     attributes = sample_attributes(rng)
     image = draw_face(attributes, rng)
-    captions = captions_for_attributes(attributes, n=10, seed=int(rng.integers(2**31)))
+    caption_seed = int(rng.integers(2**31))
+    captions = captions_for_attributes(attributes, n=GRAMMAR_CAPTIONS, seed=caption_seed)
+    captions += everyday_captions(attributes, n=CAPTIONS_PER_FACE - GRAMMAR_CAPTIONS, seed=caption_seed + 1)
     return image, attributes, captions
 
 

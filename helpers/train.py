@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .batches import RunBatches, SeededItems
+from .batches import RunBatches, SeededItems, balance_weights
 from .checkpoint import TrainingCheckpoint, read_training_checkpoint
 from .console import SafeStream, say
 from .devices import resolve_device
@@ -236,6 +237,11 @@ def _data_and_clip(
         )
     if saved is None and cfg.model.text_dim != dataset.dim:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_dim=dataset.dim))
+    if cfg.balance_attributes > 0 and dataset.attributes is None:
+        raise UserError(
+            f"balance_attributes={cfg.balance_attributes} needs attributes in the features file, and {features} "
+            "has none: extract from a source with attributes (CelebA, toy faces) or --set balance_attributes=0"
+        )
     if cfg.model.text_dim != dataset.dim:
         raise UserError(f"the model takes {cfg.model.text_dim}-d text features, the features file has {dataset.dim}-d")
     if clip is None:
@@ -271,8 +277,9 @@ def _loop(
     if dist is not None:
         dist.prepare(trainer)  # rank 0's weights everywhere, gradient averaging, per-rank noise
     shard = dict(rank=dist.rank, world_size=dist.world_size) if dist is not None else {}
+    weights = balance_weights(dataset.attributes, cfg.balance_attributes) if cfg.balance_attributes > 0 else None
     sampler = RunBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=trainer.step, total_steps=total_steps,
-                         **shard)
+                         weights=weights, **shard)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if trainer.device.type == "cuda" else 0)
     loader = DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
                         pin_memory=trainer.device.type == "cuda", persistent_workers=False)
@@ -309,6 +316,7 @@ def _loop(
                 on_sample(trainer.step, picture, previews[-1])
 
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     count, t0 = 0, time.perf_counter()
     # SafeStream: a closed terminal pipe (tee killed by the same Ctrl-C) must not stop the save below
     # (a notebook's bar is a widget and keeps its own output)
@@ -323,20 +331,21 @@ def _loop(
                 state["in_step"] = True  # a second Ctrl-C in here leaves a half-done step: never saved
                 values = trainer.train_step(batch)
                 state["in_step"] = False
-                for k, v in values.items():
+                for k, v in values.items():  # counted per term: some terms are not computed every step
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 count += 1
                 bar.update(1)
                 step, done = trainer.step, trainer.step == total_steps
                 if step % cfg.log_every == 0 or done:
                     elapsed = time.perf_counter() - t0
                     row = {"step": step, "epoch": epoch(), IMAGES_PER_S: count * cfg.batch_size / max(elapsed, 1e-9),
-                           **{k: v / count for k, v in sums.items()}}
+                           **{k: v / counts[k] for k, v in sums.items()}}
                     run.log(row)
-                    bar.set_postfix(d=f"{row[D_LOSS]:.3f}", g=f"{row[G_LOSS]:.3f}")
+                    bar.set_postfix(d=f"{row.get(D_LOSS, math.nan):.3f}", g=f"{row.get(G_LOSS, math.nan):.3f}")
                     if on_log is not None and run.writer:
                         on_log(row)
-                    sums, count, t0 = {}, 0, time.perf_counter()
+                    sums, counts, count, t0 = {}, {}, 0, time.perf_counter()
                 if step % cfg.preview_every == 0 or done:
                     preview()
                 if step % cfg.checkpoint_every == 0 or step % cfg.snapshot_every == 0 or done:

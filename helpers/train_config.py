@@ -63,6 +63,10 @@ class TrainConfig:
     r1_weight: float = 0.0  # gamma of R1 (Mescheder et al. 2018; LAFITE): gamma/2 * |grad of D(real)|^2 (0: off)
     clip_augment: bool = False  # random crops and resizes of fakes before the CLIP loss (LAFITE): no frozen-CLIP shortcuts
     d_batches: str = "separate"  # D's BatchNorm sees real and fake "separate"ly (reference) or as one "joint" batch
+    balance_attributes: float = 0.0  # sample images by (1 / frequency of their rarest attribute) ** this
+    #   (0: uniform, the reference; 0.5: square-root balancing); needs a features file with attributes
+    ma_gp_weight: float = 0.0  # k of DF-GAN's matching-aware gradient penalty k * E|grad D(real, text)|^6 (0: off)
+    reg_every: int = 1  # R1 / MA-GP every this many steps, weighted by it (StyleGAN2's lazy regularisation)
     ema_standing_stats: int = 0  # batches of text features that recompute G_ema's BatchNorm statistics for its
     #   weights before every save (0: G's statistics, copied, as the reference)
 
@@ -81,8 +85,10 @@ class TrainConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.d_batches not in ("separate", "joint"):
             raise ValueError(f"d_batches must be 'separate' or 'joint', got {self.d_batches!r}")
-        if self.r1_weight < 0 or self.ema_standing_stats < 0:
-            raise ValueError("r1_weight and ema_standing_stats must be >= 0")
+        if self.r1_weight < 0 or self.ema_standing_stats < 0 or self.ma_gp_weight < 0 or self.balance_attributes < 0:
+            raise ValueError("r1_weight, ma_gp_weight, balance_attributes and ema_standing_stats must be >= 0")
+        if self.reg_every < 1:
+            raise ValueError(f"reg_every must be >= 1, got {self.reg_every}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         n = self.model.num_stages
@@ -112,7 +118,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(
         batch_size=24, epochs=10, amp=True, channels_last=True, preview_every=500, checkpoint_every=500,
         snapshot_every=5000, temperature=0.5, r1_weight=0.0, clip_augment=False, d_batches="separate",
-        ema_standing_stats=0,
+        ema_standing_stats=0, balance_attributes=0.0, ma_gp_weight=0.0, reg_every=1,
     ),
     # a small model that trains in minutes on a CPU (the embedded demo, toy faces)
     "demo": dict(

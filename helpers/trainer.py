@@ -42,6 +42,7 @@ from .network import DiscOutput, Generator, build_models
 from .train_config import TrainConfig
 
 D_LOSS, G_LOSS = "loss/d", "loss/g"  # the weighted totals of the two halves of a step
+PENALTIES = ("/r1", "/ma_gp")  # the gradient penalties' term names
 
 
 def loss_name(side: str, *parts: str | int) -> str:
@@ -131,6 +132,9 @@ class Trainer:
         self.G: Generator = G.to(self.device, memory_format=self.memory_format).train()
         self.D = D.to(self.device, memory_format=self.memory_format).train()
         self.G_ema: Generator = copy.deepcopy(self.G).eval().requires_grad_(False)
+        for disc in self.D:  # a CLIP-aided discriminator reads the run's frozen CLIP
+            if hasattr(disc, "attach_clip"):
+                disc.attach_clip(clip.embed_generated)
         fused = self.device.type == "cuda"
         betas = (cfg.beta1, cfg.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas, fused=fused)
@@ -165,10 +169,17 @@ class Trainer:
             optimizer.step()
 
     def _floats(self, terms: dict[str, Tensor], phase: str) -> dict[str, float]:
-        """Loss tensors -> floats in one device sync; a NaN/inf on any rank raises TrainingDiverged."""
+        """Loss tensors -> floats in one device sync; a NaN/inf on any rank raises TrainingDiverged.
+
+        Under fp16 loss scaling a gradient penalty differentiates the scaled verdict, and an
+        overflow there is the GradScaler's business, not a divergence: it skips the step and
+        lowers the scale. That step's non-finite terms are left out of the log instead.
+        """
         values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
         if self.sync is not None:  # distributed: log the mean over the ranks; a NaN on any rank stops all of them
             values.update(self.sync.average_values(values))
+        if self.scaler is not None and any(k.endswith(PENALTIES) and not math.isfinite(v) for k, v in values.items()):
+            return {k: v for k, v in values.items() if math.isfinite(v)}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             names = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
@@ -232,18 +243,26 @@ class Trainer:
             with torch.no_grad():
                 mismatched = self.G.condition_mean(batch["mismatched"])
         terms: dict[str, Tensor] = {}
+        regularise = self.step % cfg.reg_every == 0  # lazy: the penalties every reg_every steps
+        r1_on, ma_gp_on = regularise and cfg.r1_weight > 0, regularise and cfg.ma_gp_weight > 0
         for i, (disc, opt) in enumerate(zip(self.D, self.opt_D)):
             disc.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
             with self.autocast():
                 real_in = self._augment(batch["real"][i])
-                if cfg.r1_weight > 0:  # R1 differentiates D's verdict on the real images with respect to them
+                cond_in = condition
+                if r1_on or ma_gp_on:  # the penalties differentiate D's verdict on the real images
                     real_in = real_in.detach().requires_grad_(True)
+                if ma_gp_on:  # ... and, for MA-GP, on their matching condition
+                    cond_in = condition.clone().requires_grad_(True)
                 # detached: the D loss must not backpropagate into G (and G's graph stays for the G step)
                 fake_in = self._augment(fakes.images[i].detach())
-                real, fake = self._judge(disc, real_in, fake_in, condition, mismatched)
-                r1 = losses.r1_penalty(real.uncond + real.cond, real_in) if cfg.r1_weight > 0 else None
-                stage = losses.d_stage_losses(real, fake, batch["text"], weights=cfg, contrast=self._info_nce, r1=r1)
+                real, fake = self._judge(disc, real_in, fake_in, cond_in, mismatched)
+                scale = self.scaler.get_scale() if self.scaler is not None else None  # fp16: no underflow
+                r1 = losses.r1_penalty(real.uncond + real.cond, real_in, scale=scale) if r1_on else None
+                ma_gp = losses.matching_aware_penalty(real.cond, real_in, cond_in, scale=scale) if ma_gp_on else None
+                stage = losses.d_stage_losses(real, fake, batch["text"], weights=cfg, contrast=self._info_nce,
+                                              r1=r1, ma_gp=ma_gp)
             self._backward(stage["total"])
             terms.update({loss_name("d", i, k) if k != "total" else loss_name("d", i): v for k, v in stage.items()})
         terms[D_LOSS] = sum(terms[loss_name("d", i)] for i in range(len(self.D)))

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError
 from .config import stage_resolutions
 from .errors import UserError
 
-DEFAULT_PROMPT = "The woman is young and has blond hair, and arched eyebrows."
+DEFAULT_PROMPT = "a blonde lady with glasses"
 MAX_WIDGET_IMAGES = 16  # the most images one press of Generate makes
 _SEED_MAX = 2**31 - 1
 

@@ -1,5 +1,6 @@
 """The CelebA caption grammar."""
 
+import random
 import re
 
 import pytest
@@ -78,3 +79,34 @@ def test_bad_input():
         captions_for_attributes("Male")
     with pytest.raises(ValueError, match="n must be"):
         captions_for_attributes([], n=-1)
+
+
+EVERYDAY = {  # the everyday words of the toy attributes
+    "Black_Hair": r"black|dark", "Blond_Hair": r"blond|fair", "Brown_Hair": r"brown|brunette",
+    "Gray_Hair": r"gray|grey|silver", "Bangs": r"bangs|fringe", "Smiling": r"smil|happy|cheerful",
+    "Eyeglasses": r"glasses|spectacles|specs", "Wearing_Hat": r"\b(hat|cap)\b",
+    "Wearing_Lipstick": r"lipstick|red lips", "Mustache": r"mustache|moustache", "Goatee": r"goatee|beard",
+}
+
+
+@pytest.mark.parametrize("male", [False, True])
+def test_everyday_prompts_mention_exactly_the_present_attributes_in_everyday_words(male):
+    from helpers.captions import everyday_captions
+
+    seen = set()
+    for seed in range(30):
+        rng = random.Random(seed)
+        names = [n for n in EVERYDAY if male or n not in ("Mustache", "Goatee")]
+        present = set(rng.sample(names, rng.randint(0, 4)))
+        attributes = {name: name in present for name in EVERYDAY} | {"Male": male}
+        prompts = everyday_captions(attributes, n=4, seed=seed)
+        assert prompts == everyday_captions(attributes, n=4, seed=seed) and len(prompts) == 4
+        for prompt in prompts:
+            text = prompt.lower()
+            assert {n for n, p in EVERYDAY.items() if re.search(p, text)} == present, prompt
+            assert bool(re.search(r"\b(man|guy|gentleman|fellow)\b", text)) == male, prompt
+            assert bool(re.search(r"\b(woman|lady|girl)\b", text)) != male, prompt
+            assert prompt == text and not prompt.endswith(".")
+            assert not re.search(r"wearing .*(hair|smile|red lips|fringe|bangs|beard|goatee|mustache)", text), prompt
+            seen.update(re.findall(r"blonde|lady|guy|spectacles|cap|beard|fringe|grey", text))
+    assert seen >= ({"guy", "beard", "cap", "spectacles"} if male else {"blonde", "lady", "fringe", "grey"})

@@ -5,6 +5,8 @@ A regression guard, not the full measurement (that is `measure_quality`, run by
 """
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,21 @@ def test_pairwise_distance():
     x[0] = 1
     # two of the three pairs differ by 1 everywhere (RMS 1), one pair is equal
     assert abs(pairwise_distance(x) - 2 / 3) < 1e-9
+
+
+def test_the_readme_notebook_and_widget_prompts_are_ones_the_demo_is_measured_on():
+    """Every example prompt a user meets first is in the build's measured list (prompt_check)."""
+    from helpers.tools.build_demo import DEMO_PROMPTS, PROMPT_ATTRIBUTES
+    from helpers.widget import DEFAULT_PROMPT
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    commands = re.findall(r"python -m helpers sample ((?:\"[^\"]+\"\s*(?:\\\n\s*)?)+)", readme)
+    prompts = [p for group in commands for p in re.findall(r'"([^"]+)"', group)]
+    prompts += re.findall(r'generate\(\["([^"]+)"\]', readme)
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        source = "".join(line for cell in json.loads(notebook.read_text())["cells"] for line in cell["source"])
+        prompts += re.findall(r'PROMPT\w* = "([^"]+)"', source)
+    assert len(prompts) >= 8, prompts  # the quick start, the sampling section, notebooks 02 and 04
+    prompts += [DEFAULT_PROMPT, *DEMO_PROMPTS]
+    assert not set(prompts) - set(PROMPT_ATTRIBUTES), sorted(set(prompts) - set(PROMPT_ATTRIBUTES))

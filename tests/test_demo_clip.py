@@ -49,3 +49,21 @@ def test_training_is_deterministic_for_a_seed():
     b = train_clip(images, captions, steps=2, batch_size=8, config=TINY, progress=False, seed=3)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_prompt_retrieval_scores_each_hand_written_prompt(tmp_path):
+    import pytest
+
+    from helpers.tools.demo_clip import prompt_retrieval
+
+    images, captions, attrs = coloured_squares(64)
+    model = train_clip(images, captions, steps=30, batch_size=32, lr=3e-3, config=TINY, progress=False)
+    test_images, _, test_attrs = coloured_squares(60, seed=1)
+    prompts = [("a blue square", ("blue",)), ("a red square", ())]
+    report = prompt_retrieval(model, test_images, test_attrs, prompts, ["blue"], pool=20, pools_per_prompt=5)
+    assert set(report["per_prompt"]) == {"a blue square", "a red square"} and report["skipped"] == []
+    assert report["attribute_match"] > 0.9  # chance: about 1/2 in each pool
+    only_red = test_attrs & False
+    assert prompt_retrieval(model, test_images, only_red, prompts, ["blue"], pool=20)["skipped"] == ["a blue square"]
+    with pytest.raises(ValueError, match="asks for"):
+        prompt_retrieval(model, test_images, test_attrs, [("a green square", ("green",))], ["blue"], pool=20)

@@ -147,3 +147,29 @@ def test_stage_losses_assemble_the_terms_with_their_weights():
     assert g["adv"].item() == pytest.approx(2 * math.log(2))  # conditional + unconditional at logit 0
     assert g["total"].item() == pytest.approx(g["adv"].item() + 10 * g["clip"].item())
     assert "clip" not in losses.g_stage_losses(fooled, text, weights=weights(1.0, 1.0, 10.0), contrast=contrast)
+
+
+def test_matching_aware_penalty_on_a_linear_discriminator():
+    """D(x, c) = <w, x> + <v, c>: the gradient is (w, v) everywhere, so the penalty is |(w, v)|^6."""
+    w, v = torch.randn(3, 4, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    c = torch.randn(2, 5, requires_grad=True)
+    logits = (x * w).flatten(1).sum(1) + c @ v
+    penalty = losses.matching_aware_penalty(logits, x, c)
+    norm = torch.cat([w.flatten(), v]).detach().norm()
+    assert penalty.item() == pytest.approx(norm.item() ** 6, rel=1e-5)
+    assert losses.matching_aware_penalty((x * w).flatten(1).sum(1) + c @ v, x, c, power=2).item() == pytest.approx(
+        norm.item() ** 2, rel=1e-5)
+    penalty.backward()  # the graph is kept: the penalty trains D
+
+
+def test_penalties_under_a_loss_scale_equal_the_unscaled_ones():
+    """fp16 training differentiates the scaled verdict (no underflow) and unscales: same penalty."""
+    x = torch.randn(3, 3, 8, 8, requires_grad=True)
+    c = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(3, 8, 8)
+    logits = (torch.tanh(x) * w).flatten(1).sum(1) + (c ** 2).sum(1)
+    for penalty, args in ((losses.r1_penalty, (logits, x)), (losses.matching_aware_penalty, (logits, x, c))):
+        plain = penalty(*args)
+        scaled = penalty(*args, scale=65536.0)
+        assert scaled.item() == pytest.approx(plain.item(), rel=1e-5)

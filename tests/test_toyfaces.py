@@ -17,12 +17,13 @@ from helpers.toyfaces import (
     write_toyfaces,
 )
 
-MENTIONS = {  # words that reveal each toy attribute in a caption
-    "Bangs": r"bangs", "Black_Hair": r"black hair", "Blond_Hair": r"blond hair",
-    "Brown_Hair": r"brown hair", "Eyeglasses": r"glasses", "Goatee": r"goatee", "Gray_Hair": r"gray hair",
-    "Mustache": r"mustache", "Smiling": r"smiling", "Wearing_Hat": r"\bhat\b", "Wearing_Lipstick": r"lipstick",
+MENTIONS = {  # words that reveal each toy attribute in a caption (the grammar's and the everyday ones)
+    "Bangs": r"bangs|fringe", "Black_Hair": r"black|dark", "Blond_Hair": r"blond|fair",
+    "Brown_Hair": r"brown|brunette", "Eyeglasses": r"glasses|spectacles|specs", "Goatee": r"goatee|beard",
+    "Gray_Hair": r"gray|grey|silver", "Mustache": r"mustache|moustache", "Smiling": r"smil|happy|cheerful",
+    "Wearing_Hat": r"\b(hat|cap)\b", "Wearing_Lipstick": r"lipstick|red lips",
 }
-MALE_WORDS, FEMALE_WORDS = r"\b(man|he|gentleman|guy)\b", r"\b(woman|she|lady)\b"
+MALE_WORDS, FEMALE_WORDS = r"\b(man|he|gentleman|guy|fellow)\b", r"\b(woman|she|lady|girl)\b"
 
 
 def test_attribute_set_and_groups():

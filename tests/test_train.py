@@ -383,82 +383,102 @@ def test_run_config_is_the_one_precedence_rule():
 
 
 @pytest.mark.parametrize("switches", [
-    {"r1_weight": 1.0}, {"d_batches": "joint"}, {"clip_augment": True},
-], ids=["r1", "joint-batches", "clip-augment"])
+    {"r1_weight": 1.0}, {"d_batches": "joint"}, {"clip_augment": True}, {"ma_gp_weight": 2.0},
+    {"model": ModelConfig(**TINY, d_clip_head=True), "r1_weight": 1.0, "ma_gp_weight": 2.0},
+], ids=["r1", "joint-batches", "clip-augment", "ma-gp", "clip-head-with-penalties"])
 def test_recipe_switches_train_and_name_their_terms(trainer_and_batch, tiny_clip, switches):
     _, batch = trainer_and_batch
     trainer = Trainer(tiny_config(**switches), clip=tiny_clip)
     values = trainer.train_step(batch)
     assert all(math.isfinite(v) for v in values.values())
+    base = values["loss/d/stage0/cond"] + values["loss/d/stage0/uncond"] + 5 * values["loss/d/stage0/align"]
     if "r1_weight" in switches:
         assert values["loss/d/stage0/r1"] > 0 and values["loss/d/stage1/r1"] > 0
-        assert values["loss/d/stage0"] == pytest.approx(
-            values["loss/d/stage0/cond"] + values["loss/d/stage0/uncond"] + 5 * values["loss/d/stage0/align"]
-            + 0.5 * values["loss/d/stage0/r1"], rel=1e-5)
+        base += 0.5 * switches["r1_weight"] * values["loss/d/stage0/r1"]
     else:
         assert "loss/d/stage0/r1" not in values
+    if "ma_gp_weight" in switches:
+        assert values["loss/d/stage0/ma_gp"] > 0 and values["loss/d/stage1/ma_gp"] > 0
+        base += 2.0 * values["loss/d/stage0/ma_gp"]
+    else:
+        assert "loss/d/stage0/ma_gp" not in values
+    assert values["loss/d/stage0"] == pytest.approx(base, rel=1e-5)
 
 
-def test_joint_batches_give_the_separate_verdicts_without_batchnorm(trainer_and_batch, tiny_clip):
-    """With BatchNorm out of the way, judging real and fake as one batch changes nothing else."""
-    from helpers.network import DiscOutput
+def test_lazy_regularisation_runs_the_penalties_every_few_steps_at_that_weight(trainer_and_batch, tiny_clip):
+    _, batch = trainer_and_batch
+    trainer = Trainer(tiny_config(r1_weight=1.0, ma_gp_weight=2.0, reg_every=2), clip=tiny_clip)
+    first, second, third = (trainer.train_step(batch) for _ in range(3))
+    assert "loss/d/stage0/r1" in first and "loss/d/stage0/r1" in third
+    assert not any(k.endswith(("/r1", "/ma_gp")) for k in second)
+    assert first["loss/d/stage1"] == pytest.approx(
+        first["loss/d/stage1/cond"] + first["loss/d/stage1/uncond"] + 5 * first["loss/d/stage1/align"]
+        + 2 * (0.5 * first["loss/d/stage1/r1"] + 2.0 * first["loss/d/stage1/ma_gp"]), rel=1e-5)
 
-    cfg = tiny_config(model=ModelConfig(**TINY, d_norm="none"))
+
+def test_the_clip_aided_discriminator_judges_clip_features_and_saves_no_clip_weights(trainer_and_batch, tiny_clip):
+    from helpers.network import ClipAidedDiscriminator, Discriminator
+
+    _, batch = trainer_and_batch
+    cfg = tiny_config(model=ModelConfig(**TINY, d_clip_head=True))
     trainer = Trainer(cfg, clip=tiny_clip)
-    real, fake, c = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 8)
-    a = trainer._judge(trainer.D[0], real, fake, c, c.flip(0))
-    trainer.cfg = dataclasses.replace(cfg, d_batches="joint")
-    b = trainer._judge(trainer.D[0], real, fake, c, c.flip(0))
-    for verdicts in (a, b):  # (real, fake): the mismatched caption is asked of the real batch only
-        assert all(isinstance(v, DiscOutput) for v in verdicts)
-        assert verdicts[0].mismatched is not None and verdicts[1].mismatched is None
-    for x, y in zip(a, b):
-        for s, t in zip(x, y):
-            assert (s is None) == (t is None)
-            if s is not None:
-                torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-4)
-
-
-def test_standing_statistics_change_the_saved_ema_only(synthetic_features, tmp_path, tiny_clip):
-    plain = train(synthetic_features, tmp_path / "a", tiny_config(steps=2), clip=tiny_clip, progress=False)
-    standing = train(synthetic_features, tmp_path / "b", tiny_config(steps=2, ema_standing_stats=2), clip=tiny_clip,
-                     progress=False)
-    a, b = load_checkpoint(plain.checkpoint), load_checkpoint(standing.checkpoint)
-    for key in a["G"]:  # training is the same
-        torch.testing.assert_close(a["G"][key], b["G"][key])
-    means = [k for k in a["G_ema"] if k.endswith("running_mean")]
-    assert means and all(torch.equal(a["G_ema"][k], a["G"][k]) for k in means)  # copied from G
-    assert any(not torch.equal(b["G_ema"][k], b["G"][k]) for k in means)  # recomputed for G_ema's weights
-    for key in a["G_ema"]:
-        if "running" not in key and "num_batches" not in key:
-            torch.testing.assert_close(a["G_ema"][key], b["G_ema"][key])
-
-
-def test_the_reference_preset_keeps_the_bootcamp_recipe():
-    ref = train_preset("reference")
-    assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.d_norm, ref.model.d_spectral_norm) == (
-        "deconv", None, "batch", False)
-    assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats) == (
-        0.5, 0.0, False, "separate", 0)
-    assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
-
-
-def test_the_d_step_moves_no_statistics_of_a_head_no_loss_reads(trainer_and_batch):
-    trainer, batch = trainer_and_batch
-    align_norm = trainer.D[0].align_head[1]
+    assert [type(d) for d in trainer.D] == [Discriminator, ClipAidedDiscriminator]  # the last stage only
+    last = trainer.D[-1]
+    assert not any("clip_trunk" not in k and "visual" in k for k in last.state_dict())  # no CLIP weights saved
     trainer.train_step(batch)
-    # one D step (real images) and one G step (fakes): the detached fakes of the D step are not counted
-    assert int(align_norm.num_batches_tracked) == 2
+    assert last.clip_psi.weight.grad is not None and last.clip_project.weight.grad is not None  # the head learns
+    images, c = torch.rand(2, 3, 128, 128) * 2 - 1, torch.randn(2, 8)
+    conv = Discriminator.heads(last, last.features(images)[0], c)
+    both = last.heads(last.features(images), c)
+    assert not torch.allclose(conv.cond, both.cond) and torch.equal(conv.uncond, both.uncond)
+    fresh = ClipAidedDiscriminator(cfg.model, 1)
+    with pytest.raises(RuntimeError, match="attach_clip"):
+        fresh.features(images)
 
 
-def test_a_resume_from_the_mirror_alone_keeps_the_mirrors_metrics(synthetic_features, tmp_path, tiny_clip):
-    import shutil
+def test_balanced_sampling_draws_rare_attributes_more_often():
+    from helpers.batches import balance_weights
 
-    mirror = tmp_path / "drive"
-    train(synthetic_features, tmp_path / "run", tiny_config(steps=2, mirror_dir=str(mirror)), clip=tiny_clip,
-          progress=False)
-    shutil.rmtree(tmp_path / "run")  # a new Colab runtime: only Drive is left
-    result = train(synthetic_features, tmp_path / "run", None, overrides={"steps": 4, "mirror_dir": str(mirror)},
-                   resume=True, clip=tiny_clip, progress=False)
-    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
-    assert [r["step"] for r in read_metrics(mirror / "metrics.jsonl")] == [1, 2, 3, 4]
+    attrs = torch.zeros(100, 2, dtype=torch.bool)
+    attrs[:10, 0] = True  # 10% have the rare attribute
+    attrs[:60, 1] = True  # 60% the common one
+    assert torch.equal(balance_weights(attrs, 0.0), torch.ones(100))
+    w = balance_weights(attrs, 1.0)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[0] / w[50] == pytest.approx(10 / (1 / 0.6))  # the rarest attribute it has decides
+    assert w[50] / w[99] == pytest.approx(1 / 0.6)  # an image with none weighs 1 before normalising
+    draws = RunBatches(100, 10, seed=0, start_step=0, total_steps=1000, weights=balance_weights(attrs, 0.5))
+    rows = torch.tensor([i for batch in draws for i, _ in batch])
+    plain = torch.tensor([i for batch in RunBatches(100, 10, seed=0, start_step=0, total_steps=1000) for i, _ in batch])
+    assert (plain < 10).float().mean().item() == pytest.approx(0.10)  # a permutation per epoch
+    assert (rows < 10).float().mean().item() > 0.18  # sqrt(10) / mean weight ~ 2.2x as often
+    again = RunBatches(100, 10, seed=0, start_step=400, total_steps=1000, weights=balance_weights(attrs, 0.5))
+    assert [b for b in again] == list(draws)[400:]  # a resume draws the same order
+
+
+def test_balanced_sampling_needs_attributes(synthetic_features, tmp_path, tiny_clip):
+    with pytest.raises(UserError, match="balance_attributes=0.5 needs attributes"):
+        train(synthetic_features, tmp_path / "a", tiny_config(steps=1, balance_attributes=0.5), clip=tiny_clip,
+              progress=False)
+
+
+def test_balanced_sampling_trains_on_features_with_attributes(toy_features, tmp_path, tiny_clip):
+    result = train(toy_features, tmp_path / "a", tiny_config(steps=2, balance_attributes=0.5), clip=tiny_clip,
+                   progress=False)
+    assert load_checkpoint(result.checkpoint)["step"] == 2
+
+
+def test_an_overflowing_penalty_under_fp16_scaling_is_skipped_not_a_divergence(trainer_and_batch, tiny_clip):
+    """fp16: the penalty differentiates the scaled verdict; an overflow there is the GradScaler's to
+    handle (it skips the step), while the same overflow without a scaler is a divergence."""
+    trainer = Trainer(tiny_config(r1_weight=1.0), clip=tiny_clip)
+    terms = {"loss/d/stage0/cond": torch.tensor(0.7), "loss/d/stage0/r1": torch.tensor(math.inf),
+             "loss/d/stage0": torch.tensor(math.inf), "loss/d": torch.tensor(math.inf)}
+    with pytest.raises(TrainingDiverged, match="loss/d/stage0/r1=inf"):
+        trainer._floats(terms, "discriminator step")
+    trainer.scaler = object()  # as on a T4 (fp16 with a GradScaler)
+    assert trainer._floats(terms, "discriminator step") == {"loss/d/stage0/cond": pytest.approx(0.7)}
+    terms["loss/d/stage0/cond"] = torch.tensor(math.nan)
+    terms["loss/d/stage0/r1"] = torch.tensor(1.0)
+    with pytest.raises(TrainingDiverged):  # a NaN elsewhere is still a divergence
+        trainer._floats(terms, "discriminator step")
