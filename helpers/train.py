@@ -237,11 +237,6 @@ def _data_and_clip(
         )
     if saved is None and cfg.model.text_dim != dataset.dim:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_dim=dataset.dim))
-    if cfg.balance_attributes > 0 and dataset.attributes is None:
-        raise UserError(
-            f"balance_attributes={cfg.balance_attributes} needs attributes in the features file, and {features} "
-            "has none: extract from a source with attributes (CelebA, toy faces) or --set balance_attributes=0"
-        )
     if cfg.model.text_dim != dataset.dim:
         raise UserError(f"the model takes {cfg.model.text_dim}-d text features, the features file has {dataset.dim}-d")
     if clip is None:
@@ -277,7 +272,12 @@ def _loop(
     if dist is not None:
         dist.prepare(trainer)  # rank 0's weights everywhere, gradient averaging, per-rank noise
     shard = dict(rank=dist.rank, world_size=dist.world_size) if dist is not None else {}
-    weights = balance_weights(dataset.attributes, cfg.balance_attributes) if cfg.balance_attributes > 0 else None
+    weights = None
+    if cfg.balance_attributes > 0 and dataset.attributes is None:
+        notes.append(f"balance_attributes={cfg.balance_attributes}, but the features file has no attributes "
+                     "(a folder without them): images are drawn uniformly")
+    elif cfg.balance_attributes > 0:
+        weights = balance_weights(dataset.attributes, cfg.balance_attributes)
     sampler = RunBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=trainer.step, total_steps=total_steps,
                          weights=weights, **shard)
     num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if trainer.device.type == "cuda" else 0)

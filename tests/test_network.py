@@ -140,8 +140,8 @@ def test_weight_init_follows_the_reference():
     assert abs(bn.weight.mean().item() - 1) < 0.01 and bn.bias.abs().max() == 0
 
 
-def test_faces_preset_parameter_counts_match_the_reference():
-    rows = summary_rows(model_preset("faces"))
+def test_reference_preset_parameter_counts_match_the_reference():
+    rows = summary_rows(model_preset("reference"))
     g_total = sum(r["g_params"] for r in rows)
     # The reference (mentor's solution): G 15.4M; D 9.7M / 22.8M / 75.3M per stage.
     # Our alignment head drops the condition's input channels, hence slightly fewer.

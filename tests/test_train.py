@@ -456,10 +456,10 @@ def test_balanced_sampling_draws_rare_attributes_more_often():
     assert [b for b in again] == list(draws)[400:]  # a resume draws the same order
 
 
-def test_balanced_sampling_needs_attributes(synthetic_features, tmp_path, tiny_clip):
-    with pytest.raises(UserError, match="balance_attributes=0.5 needs attributes"):
-        train(synthetic_features, tmp_path / "a", tiny_config(steps=1, balance_attributes=0.5), clip=tiny_clip,
-              progress=False)
+def test_balanced_sampling_without_attributes_says_it_draws_uniformly(synthetic_features, tmp_path, tiny_clip, capsys):
+    train(synthetic_features, tmp_path / "a", tiny_config(steps=1, balance_attributes=0.5), clip=tiny_clip,
+          progress=False)
+    assert "the features file has no attributes" in capsys.readouterr().err
 
 
 def test_balanced_sampling_trains_on_features_with_attributes(toy_features, tmp_path, tiny_clip):
@@ -482,3 +482,74 @@ def test_an_overflowing_penalty_under_fp16_scaling_is_skipped_not_a_divergence(t
     terms["loss/d/stage0/r1"] = torch.tensor(1.0)
     with pytest.raises(TrainingDiverged):  # a NaN elsewhere is still a divergence
         trainer._floats(terms, "discriminator step")
+
+
+def test_joint_batches_give_the_separate_verdicts_without_batchnorm(trainer_and_batch, tiny_clip):
+    """With BatchNorm out of the way, judging real and fake as one batch changes nothing else."""
+    from helpers.network import DiscOutput
+
+    cfg = tiny_config(model=ModelConfig(**TINY, d_norm="none"))
+    trainer = Trainer(cfg, clip=tiny_clip)
+    real, fake, c = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 8)
+    a = trainer._judge(trainer.D[0], real, fake, c, c.flip(0))
+    trainer.cfg = dataclasses.replace(cfg, d_batches="joint")
+    b = trainer._judge(trainer.D[0], real, fake, c, c.flip(0))
+    for verdicts in (a, b):  # (real, fake): the mismatched caption is asked of the real batch only
+        assert all(isinstance(v, DiscOutput) for v in verdicts)
+        assert verdicts[0].mismatched is not None and verdicts[1].mismatched is None
+    for x, y in zip(a, b):
+        for s, t in zip(x, y):
+            assert (s is None) == (t is None)
+            if s is not None:
+                torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-4)
+
+
+def test_standing_statistics_change_the_saved_ema_only(synthetic_features, tmp_path, tiny_clip):
+    plain = train(synthetic_features, tmp_path / "a", tiny_config(steps=2), clip=tiny_clip, progress=False)
+    standing = train(synthetic_features, tmp_path / "b", tiny_config(steps=2, ema_standing_stats=2), clip=tiny_clip,
+                     progress=False)
+    a, b = load_checkpoint(plain.checkpoint), load_checkpoint(standing.checkpoint)
+    for key in a["G"]:  # training is the same
+        torch.testing.assert_close(a["G"][key], b["G"][key])
+    means = [k for k in a["G_ema"] if k.endswith("running_mean")]
+    assert means and all(torch.equal(a["G_ema"][k], a["G"][k]) for k in means)  # copied from G
+    assert any(not torch.equal(b["G_ema"][k], b["G"][k]) for k in means)  # recomputed for G_ema's weights
+    for key in a["G_ema"]:
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(a["G_ema"][key], b["G_ema"][key])
+
+
+def test_the_reference_preset_keeps_the_bootcamp_recipe():
+    from helpers.train_config import reference_recipe
+
+    ref = train_preset("reference")
+    assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.d_norm, ref.model.d_spectral_norm,
+            ref.model.d_clip_head) == ("deconv", None, "batch", False, False)
+    assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats,
+            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every) == (0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1)
+    assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
+    # the faces preset is the same run with the adopted switches: back at the reference values, it is the reference
+    faces = train_preset("faces")
+    assert (faces.model.upsample, faces.r1_weight, faces.clip_augment) == ("nearest_glu", 0.05, True)
+    assert dataclasses.replace(reference_recipe(faces), preset="reference") == ref
+
+
+def test_the_d_step_moves_no_statistics_of_a_head_no_loss_reads(trainer_and_batch):
+    trainer, batch = trainer_and_batch
+    align_norm = trainer.D[0].align_head[1]
+    trainer.train_step(batch)
+    # one D step (real images) and one G step (fakes): the detached fakes of the D step are not counted
+    assert int(align_norm.num_batches_tracked) == 2
+
+
+def test_a_resume_from_the_mirror_alone_keeps_the_mirrors_metrics(synthetic_features, tmp_path, tiny_clip):
+    import shutil
+
+    mirror = tmp_path / "drive"
+    train(synthetic_features, tmp_path / "run", tiny_config(steps=2, mirror_dir=str(mirror)), clip=tiny_clip,
+          progress=False)
+    shutil.rmtree(tmp_path / "run")  # a new Colab runtime: only Drive is left
+    result = train(synthetic_features, tmp_path / "run", None, overrides={"steps": 4, "mirror_dir": str(mirror)},
+                   resume=True, clip=tiny_clip, progress=False)
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(mirror / "metrics.jsonl")] == [1, 2, 3, 4]

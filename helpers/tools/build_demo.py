@@ -88,8 +88,8 @@ def build_demo(
     assets_dir: str | os.PathLike = ASSETS,
     seed: int = 0,
     num_faces: int = 12000,
-    clip_steps: int = 800,
-    gan_steps: int = 4000,
+    clip_steps: int = 1500,
+    gan_steps: int = 3500,
     device: str | torch.device | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -293,8 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--assets-dir", default=str(ASSETS), help="where the demo files are written")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-faces", type=int, default=12000, help="toy faces to draw")
-    parser.add_argument("--clip-steps", type=int, default=800, help="demo CLIP training steps")
-    parser.add_argument("--gan-steps", type=int, default=4000, help="generator training steps")
+    parser.add_argument("--clip-steps", type=int, default=1500, help="demo CLIP training steps")
+    parser.add_argument("--gan-steps", type=int, default=3500, help="generator training steps")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--before-after", metavar="DIR", default=None,
@@ -312,8 +312,14 @@ def run(args: argparse.Namespace) -> int:
                                  after=args.assets_dir))
         return 0
     if args.measure_only:
+        from ..clip_encoder import load_clip
+
         features = Path(args.work_dir) / "features.pt"
-        quality = measure_quality(Path(args.assets_dir) / "demo_generator.pt", features, seed=args.seed)
+        generator = Path(args.assets_dir) / DEMO_GENERATOR.name
+        clip = load_clip(str(Path(args.assets_dir) / DEMO_CLIP.name), device="cpu")
+        clip.spec = "demo"
+        quality = measure_quality(generator, features, seed=args.seed, clip=clip)
+        quality["prompts"] = prompt_check(generator, clip, seed=args.seed)
         report_path = Path(args.assets_dir) / DEMO_REPORT.name
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         report["quality"] = quality

@@ -238,13 +238,15 @@ def toyface_features(
 
 
 def variant_config(overrides: dict[str, Any] | list[str], *, steps: int, seed: int = 0, stages: int | None = None):
-    """The demo recipe (``build_demo.demo_train_config``) with a variant's overrides, for ``steps`` steps."""
+    """A variant for ``steps`` steps: the demo build's config (``build_demo.demo_train_config``) with every
+    recipe switch at its reference value (``train_config.reference_recipe``: the base every variant is
+    compared with), then the variant's overrides."""
     import dataclasses
 
-    from ..train_config import apply_overrides
+    from ..train_config import apply_overrides, reference_recipe
     from .build_demo import demo_train_config
 
-    cfg = demo_train_config(steps, seed=seed)
+    cfg = reference_recipe(demo_train_config(steps, seed=seed))
     if stages is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_stages=stages),
                                   clip_stages=sorted({0, stages - 1}))
@@ -258,7 +260,7 @@ def run_variant(
     points: tuple[int, ...] = DEFAULT_POINTS, seed: int = 0, stages: int | None = None, clip: Any = None,
     on_log: Any = None,
 ) -> dict[str, Any]:
-    """Train variant ``name`` (the demo recipe with ``overrides``) and measure it at each of ``points``.
+    """Train variant ``name`` (the base with ``overrides``, see ``variant_config``) and measure it at each of ``points``.
 
     Returns (and writes to ``WORK/NAME.json``) the config and one measurement per point.
     A rerun continues from the variant's last checkpoint and skips points already measured.
@@ -334,7 +336,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         settings = " ".join(r["overrides"]) if isinstance(r["overrides"], list) else str(r["overrides"] or "")
         for p in r["points"]:
             fids = [f"{p['distances'][e]['fid']:.3g}" if e in p["distances"] else "-" for e in extractors]
-            cells = [r["name"], settings or "(the demo recipe)", str(p["step"]), f"{p['attribute_accuracy']:.3f}",
+            cells = [r["name"], settings or "(the reference recipe)", str(p["step"]), f"{p['attribute_accuracy']:.3f}",
                      f"{p['min_recall']:.2f}", f"{p['artifact_index']['ratio']:.2f}", *fids,
                      f"{p['diversity'].get('ratio', float('nan')):.2f}",
                      f"{r['timed_seconds_per_step']:.3f}" if r.get("timed_seconds_per_step") else "-"]
@@ -357,7 +359,8 @@ def write_table(work_dir: str | os.PathLike) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"), required=True,
-                        help="a variant: its name, then --set style overrides of the demo recipe "
+                        help="a variant: its name, then --set style overrides of the base (the demo build's "
+                             "config with the reference recipe) "
                              "(e.g. --variant base --variant tau01 temperature=0.1); repeat for more")
     parser.add_argument("--points", default=",".join(map(str, DEFAULT_POINTS)),
                         help="steps at which to measure, comma-separated (default: %(default)s)")
