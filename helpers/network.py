@@ -17,9 +17,9 @@ optimisers, no stored devices.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 import copy
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -437,8 +437,13 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_models(cfg: ModelConfig, *, seed: int | None = None) -> tuple[Generator, nn.ModuleList]:
-    """A freshly initialised generator and its discriminators (seeded if ``seed`` is given)."""
+def build_models(cfg: ModelConfig, *, seed: int | None = None, clip: Any = None) -> tuple[Generator, nn.ModuleList]:
+    """A freshly initialised generator and its discriminators (seeded if ``seed`` is given).
+
+    ``clip``: the run's CLIP (a ``ClipEncoder``), which a CLIP-aided discriminator
+    (``model.d_clip_head``) reads; without it such a discriminator cannot run until
+    ``attach_clip`` is called.
+    """
     fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with fork:
         if seed is not None:
@@ -453,6 +458,10 @@ def build_models(cfg: ModelConfig, *, seed: int | None = None) -> tuple[Generato
             for module in discriminators.modules():
                 if isinstance(module, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(module)
+    if clip is not None:
+        for disc in discriminators:
+            if isinstance(disc, ClipAidedDiscriminator):
+                disc.attach_clip(clip.embed_generated)
     return generator, discriminators
 
 

@@ -127,14 +127,11 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.clip = clip
-        G, D = build_models(cfg.model, seed=cfg.seed)
+        G, D = build_models(cfg.model, seed=cfg.seed, clip=clip)  # a CLIP-aided D reads the run's frozen CLIP
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.G: Generator = G.to(self.device, memory_format=self.memory_format).train()
         self.D = D.to(self.device, memory_format=self.memory_format).train()
         self.G_ema: Generator = copy.deepcopy(self.G).eval().requires_grad_(False)
-        for disc in self.D:  # a CLIP-aided discriminator reads the run's frozen CLIP
-            if hasattr(disc, "attach_clip"):
-                disc.attach_clip(clip.embed_generated)
         fused = self.device.type == "cuda"
         betas = (cfg.beta1, cfg.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas, fused=fused)

@@ -187,3 +187,24 @@ def test_the_bound_counts_the_mode_seeking_draws():
     assert train["bound_gflop_per_image"] == pytest.approx(bound)
     assert 3 * 1.25 * forward["G"] + 3 * sum(forward["D"]) < train["gflop_per_image"] <= bound
     assert bench.g_term(1.25) == "G x 1.25" and bench.g_term(1.0) == "G"  # as the table prints the bound
+
+
+def test_the_bound_holds_with_lazy_penalties_and_a_clip_aided_discriminator():
+    """R1 differentiates D twice more on penalty steps (every reg_every-th); the bound allows for it,
+    and a CLIP-aided D's forward counts its CLIP (flop counting works inside autograd.grad)."""
+    config = TrainConfig(model=ModelConfig(**TINY, d_clip_head=True), batch_size=3, r1_weight=0.05, reg_every=2)
+    case = bench.Case("tiny", config, "tiny-random")
+    clip = bench.make_clip("tiny-random", torch.device("cpu"))
+    batch = bench.random_batch(config, dim=clip.dim, generator=torch.Generator().manual_seed(0))
+    from helpers.train import Trainer
+
+    trainer = Trainer(config, clip=clip)
+    per = bench.forward_flops(case, trainer, clip, batch)
+    assert per["penalty_rate"] == 0.5
+    plain = bench.forward_flops(bench.Case("tiny", dataclasses.replace(config, model=ModelConfig(**TINY)),
+                                           "tiny-random"), Trainer(dataclasses.replace(config, model=ModelConfig(**TINY)),
+                                                                   clip=clip), clip, batch)
+    assert per["D"][-1] - plain["D"][-1] >= 0.9 * per["clip"][0]  # the last D's forward includes a CLIP forward
+    steps = [bench.count_flops(lambda: trainer.train_step(batch)) / 3 for _ in range(2)]
+    assert steps[0] > steps[1]  # the penalty step costs more
+    assert sum(steps) / 2 <= per["bound"]

@@ -56,7 +56,7 @@ def test_prompt_retrieval_scores_each_hand_written_prompt(tmp_path):
 
     from helpers.tools.demo_clip import prompt_retrieval
 
-    images, captions, attrs = coloured_squares(64)
+    images, captions, _ = coloured_squares(64)
     model = train_clip(images, captions, steps=30, batch_size=32, lr=3e-3, config=TINY, progress=False)
     test_images, _, test_attrs = coloured_squares(60, seed=1)
     prompts = [("a blue square", ("blue",)), ("a red square", ())]

@@ -105,11 +105,29 @@ def median_time(fn: Callable[[], Any], *, device: torch.device, warmup: int, rep
     return statistics.median(times), times
 
 
+class _TotalsOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP counts towards the total only.
+
+    The tracker's backward hooks fail inside ``torch.autograd.grad`` (which R1 and MA-GP
+    call during a step), and the bench needs totals, not a per-module table.
+    """
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _TotalsOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (matmul/conv/attention, forward and backward), by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalsOnly()  # type: ignore[assignment]
+    with counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -244,22 +262,27 @@ def forward_flops(case: Case, trainer, clip, batch: dict[str, Any]) -> dict[str,
     prepared = trainer.prepare_batch(batch)
     with torch.no_grad():
         g = count_flops(lambda: trainer.G(prepared["text"], torch.randn(B, case.config.model.z_dim, device=trainer.device)))
-        mu = torch.zeros(B, case.config.model.cond_dim, device=trainer.device)
-        d = [count_flops(lambda i=i, disc=disc: disc(prepared["real"][i], mu)) for i, disc in enumerate(trainer.D)]
+    mu = torch.zeros(B, case.config.model.cond_dim, device=trainer.device)
 
-    def clip_forward(i: int) -> None:
-        # with an input that needs a gradient, as in the G step: without one, nn.MultiheadAttention
-        # takes a fused inference path whose projections FlopCounterMode does not see
-        clip.embed_generated(prepared["real"][i].detach().requires_grad_(True))
+    # Inputs that need a gradient, as in the G step: without one, nn.MultiheadAttention takes a fused
+    # inference path whose projections FlopCounterMode does not see (CLIP, and a CLIP-aided D's CLIP).
+    def needs_grad(images: Tensor) -> Tensor:
+        return images.detach().requires_grad_(True)
 
-    c = [count_flops(lambda i=i: clip_forward(i)) for i in trainer.clip_stages]
+    d = [count_flops(lambda i=i, disc=disc: disc(needs_grad(prepared["real"][i]), mu)) for i, disc in enumerate(trainer.D)]
+    c = [count_flops(lambda i=i: clip.embed_generated(needs_grad(prepared["real"][i]))) for i in trainer.clip_stages]
     per = dict(G=g / B, D=[x / B for x in d], clip=[x / B for x in c], g_rows=(B + trainer.twins(B)) / B)
-    per["bound"] = step_flops_bound(per["G"], per["D"], per["clip"], g_rows=per["g_rows"])
+    cfg = case.config
+    per["penalty_rate"] = (1.0 / cfg.reg_every) if cfg.r1_weight > 0 or cfg.ma_gp_weight > 0 else 0.0
+    per["bound"] = step_flops_bound(per["G"], per["D"], per["clip"], g_rows=per["g_rows"],
+                                    penalty_rate=per["penalty_rate"])
     return per
 
 
-def step_flops_bound(g: float, d: list[float], clip: list[float], *, g_rows: float = 1.0) -> float:
-    """FLOPs per image a training step with no wasted work stays under.
+def step_flops_bound(
+    g: float, d: list[float], clip: list[float], *, g_rows: float = 1.0, penalty_rate: float = 0.0,
+) -> float:
+    """FLOPs per image a training step with no wasted work stays under (averaged over steps).
 
     Each network runs forward once per image batch it sees: G once (fakes generated
     once, reused by D and G), each D three times (real, detached fakes, fakes for G;
@@ -268,8 +291,11 @@ def step_flops_bound(g: float, d: list[float], clip: list[float], *, g_rows: flo
     Regenerating the fakes for the G step, backpropagating through G once per
     discriminator, or running a D trunk per head all break it. ``g_rows``: images G
     generates per batch image (1.25 with the mode-seeking term's second draws).
+    ``penalty_rate``: the share of steps with a gradient penalty (R1 / MA-GP: 1 / reg_every);
+    such a step differentiates D's verdict on the real batch twice more (the input gradient
+    with its graph, then that graph's backward), at most 4 * sum(D) more.
     """
-    return 3.0 * (g_rows * g + 3.0 * sum(d) + sum(clip))
+    return 3.0 * (g_rows * g + 3.0 * sum(d) + sum(clip)) + penalty_rate * 4.0 * sum(d)
 
 
 # --------------------------------------------------------------------------- the rows
@@ -356,7 +382,10 @@ def training_rows(case: Case, *, device: torch.device, settings: BenchSettings, 
             if fused:
                 use_fused_adam(trainer)
             per = forward_flops(case, trainer, clip, batch)
-            flops = count_flops(lambda: trainer.train_step(batch))  # also the first warm-up step
+            # the mean over a cycle of lazy regularisation (one penalty step, reg_every - 1 without);
+            # these are also the first warm-up steps
+            cycle = config.reg_every if per["penalty_rate"] else 1
+            flops = sum(count_flops(lambda: trainer.train_step(batch)) for _ in range(cycle)) // cycle
             seconds, _ = median_time(lambda: trainer.train_step(batch), device=device,
                                      warmup=settings.warmup, repeats=settings.repeats)
         variant = ("AMP " + str(trainer.amp_dtype).removeprefix("torch.")) if trainer.use_amp else "fp32"

@@ -108,7 +108,6 @@ def build_demo(
 
     work, assets = Path(work_dir), Path(assets_dir)
     assets.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     timings: dict[str, float] = {}
 
     def lap(name: str, t0: float) -> None:
