@@ -188,8 +188,7 @@ class FeaturesDataset(Dataset):
         self.text_features = data["text_features"][self.rows].float()
         self.caption_counts = data["caption_counts"][self.rows]
         attrs = data.get("attributes")
-        # the source's attributes of these rows (names A, bool [n, A]), or None: they weight balanced sampling
-        self.attribute_names: list[str] = list(attrs["names"]) if attrs is not None else []
+        # the source's attributes of these rows, bool [n, A], or None: they weight balanced sampling
         self.attributes: Tensor | None = (torch.as_tensor(attrs["values"], dtype=torch.bool)[self.rows]
                                           if attrs is not None else None)
         self._images_file = images_path(path)

@@ -242,6 +242,8 @@ class Trainer:
         terms: dict[str, Tensor] = {}
         regularise = self.step % cfg.reg_every == 0  # lazy: the penalties every reg_every steps
         r1_on, ma_gp_on = regularise and cfg.r1_weight > 0, regularise and cfg.ma_gp_weight > 0
+        # fp16: the penalties differentiate the scaled verdict, so that small gradients do not underflow
+        scale = self.scaler.get_scale() if self.scaler is not None and (r1_on or ma_gp_on) else None
         for i, (disc, opt) in enumerate(zip(self.D, self.opt_D)):
             disc.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
@@ -255,7 +257,6 @@ class Trainer:
                 # detached: the D loss must not backpropagate into G (and G's graph stays for the G step)
                 fake_in = self._augment(fakes.images[i].detach())
                 real, fake = self._judge(disc, real_in, fake_in, cond_in, mismatched)
-                scale = self.scaler.get_scale() if self.scaler is not None else None  # fp16: no underflow
                 r1 = losses.r1_penalty(real.uncond + real.cond, real_in, scale=scale) if r1_on else None
                 ma_gp = losses.matching_aware_penalty(real.cond, real_in, cond_in, scale=scale) if ma_gp_on else None
                 stage = losses.d_stage_losses(real, fake, batch["text"], weights=cfg, contrast=self._info_nce,

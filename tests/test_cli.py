@@ -22,7 +22,7 @@ def test_help_lists_the_subcommands():
 def test_summary_prints_the_table():
     result = run_cli("summary", "--preset", "faces")
     assert result.returncode == 0, result.stderr
-    assert "15,428,729" in result.stdout  # generator parameters of the faces preset
+    assert "16,828,505" in result.stdout  # generator parameters of the faces preset (GLU up-blocks)
 
 
 def test_unknown_subcommand_fails_cleanly():

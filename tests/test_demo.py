@@ -23,6 +23,8 @@ CHECKS = {
     "The man has black hair and a goatee.": ["Black_Hair", "Goatee", "Male"],
     "This man wears a hat and is smiling.": ["Wearing_Hat", "Smiling", "Male"],
     "She has gray hair and wears lipstick.": ["Gray_Hair", "Wearing_Lipstick", "-Male"],
+    "a blonde lady with glasses": ["Blond_Hair", "Eyeglasses", "-Male"],
+    "a grey-haired man wearing a cap": ["Gray_Hair", "Wearing_Hat", "Male"],
 }
 
 
@@ -32,15 +34,24 @@ def demo():
 
 
 def test_assets_are_small_and_complete():
-    names = ["demo_clip.pt", "demo_generator.pt", "demo_grid.png", "demo_report.json", "attribute_classifier.pt"]
+    names = ["demo_clip.pt", "demo_generator.pt", "demo_grid.png", "demo_report.json", "attribute_classifier.pt",
+             "demo_before_after.png"]
     sizes = {n: (ASSETS / n).stat().st_size for n in names}
     assert sum(sizes.values()) < 40 * 2**20, sizes
-    quality = json.loads((ASSETS / "demo_report.json").read_text())["quality"]
+    report = json.loads((ASSETS / "demo_report.json").read_text())
+    quality = report["quality"]
     # The recorded measurement (README, "The embedded demo"): the 256 px images follow the
-    # text (target 0.90, well above a generator that ignores it), and vary across seeds.
+    # text (measured 0.93, well above a generator that ignores it), vary across seeds (0.71),
+    # carry no transposed-convolution grid (1.8x real faces' spikes; the earlier demo 16.9x),
+    # and the listed prompts are drawn (each shows at least 0.66 of what it asks).
     assert quality["attribute_accuracy"] == quality["per_stage"]["256"]["mean"] >= 0.90
     assert quality["attribute_accuracy"] > quality["majority_baseline"] + 0.1
     assert quality["diversity"]["ratio"] > 0.5
+    assert quality["artifact_index"]["ratio"] < 3
+    assert quality["prompts"]["min_shown"] >= 0.5
+    # the demo CLIP understands grammar captions, everyday prompts and the listed prompts (target 0.95)
+    assert min(report["clip_retrieval"][k]["attribute_match"] for k in ("grammar", "everyday", "prompts")) >= 0.95
+    assert report["total_minutes"] <= 70  # the build's budget on the 2-core machine
 
 
 def test_demo_generates_all_three_stages(demo):
@@ -63,9 +74,9 @@ def test_demo_follows_the_prompt(demo):
             column = TOY_ATTRIBUTES.index(want.lstrip("-"))
             shown = seen[p * n : (p + 1) * n, column]
             hits.append((~shown if want.startswith("-") else shown).float().mean().item())
-    # Chance for these attributes is 10-50% (about 0.35 on average here); measured: 0.92
-    # (every check but the hat, which the demo rarely draws).
-    assert sum(hits) / len(hits) > 0.75, hits
+    # Chance for these attributes is 10-50% (about 0.35 on average here); measured: 0.79
+    # (the earlier demo scored 0.92 on the first four prompts and could not read the last two).
+    assert sum(hits) / len(hits) > 0.7, hits
 
 
 def test_demo_is_not_mode_collapsed(demo):

@@ -89,7 +89,7 @@ def build_demo(
     seed: int = 0,
     num_faces: int = 12000,
     clip_steps: int = 1500,
-    gan_steps: int = 3500,
+    gan_steps: int = 2500,
     device: str | torch.device | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -293,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-faces", type=int, default=12000, help="toy faces to draw")
     parser.add_argument("--clip-steps", type=int, default=1500, help="demo CLIP training steps")
-    parser.add_argument("--gan-steps", type=int, default=3500, help="generator training steps")
+    parser.add_argument("--gan-steps", type=int, default=2500, help="generator training steps")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--before-after", metavar="DIR", default=None,
