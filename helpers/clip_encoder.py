@@ -101,8 +101,10 @@ class ClipEncoder(nn.Module):
 
     @property
     def identity(self) -> dict[str, str]:
-        """What identifies the network: ``dict(spec=, activation="quick_gelu" | "gelu" | ..., open_clip=version)``."""
-        return dict(spec=self.spec, activation=self.activation, open_clip=_open_clip_version())
+        """What identifies the network: ``dict(spec=, activation="quick_gelu" | "gelu" | ..., open_clip=version,
+        weights=a fingerprint of the weights)``: the same spec may name other weights (a rebuilt demo CLIP)."""
+        return dict(spec=self.spec, activation=self.activation, open_clip=_open_clip_version(),
+                    weights=weights_fingerprint(self.model))
 
     def train(self, mode: bool = True) -> "ClipEncoder":
         # CLIP stays in eval mode whatever the caller does: it is a frozen feature extractor.
@@ -190,12 +192,27 @@ def _open_clip_version() -> str:
         return "not installed"
 
 
+def weights_fingerprint(model: nn.Module, *, sample: int = 4096) -> str:
+    """A short hash of a model's weights: the first ``sample`` values of every parameter (fp32, CPU).
+
+    Cheap for ViT-B/32 (a few hundred small slices) and different for any two trainings."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().flatten()[:sample].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_same_clip(recorded: dict[str, Any] | None, clip: "ClipEncoder", *, what: str) -> None:
     """Refuse ``clip`` when its network differs from the one ``what`` (a file) was made with.
 
     ``recorded`` is the ``identity`` stored with the file (None: an older file that
-    did not record it, accepted; with a QuickGELU CLIP, with a warning). The spec and the activation must match; the
-    open_clip version is named in the message but may differ (Colab upgrades it).
+    did not record it, accepted; with a QuickGELU CLIP, with a warning). The spec and the activation must match,
+    and the weights' fingerprint where the file recorded one; the open_clip version is named in the message but
+    may differ (Colab upgrades it).
     """
     mine = clip.identity
     if not recorded:
@@ -207,6 +224,12 @@ def check_same_clip(recorded: dict[str, Any] | None, clip: "ClipEncoder", *, wha
             )
         return
     differs = [k for k in ("spec", "activation") if recorded.get(k) and recorded.get(k) != mine[k]]
+    if not differs and recorded.get("weights") and recorded["weights"] != mine["weights"]:
+        raise UserError(
+            f"{what} was made with CLIP {recorded.get('spec')!r} with other weights than the one loaded now "
+            f"(fingerprint {recorded['weights']} against {mine['weights']}; the demo CLIP is rebuilt with the demo): "
+            "its features do not fit this CLIP; extract them again with it"
+        )
     if differs:
         def show(d: dict[str, Any]) -> str:
             return f"{d.get('spec')!r} with {d.get('activation')} (open_clip {d.get('open_clip')})"

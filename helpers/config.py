@@ -7,8 +7,10 @@ network widths. Presets:
 
 - ``faces``: the reference sizes of the bootcamp project (StackGAN++ family,
   CLIP ViT-B/32 text features): Ng=1024, Nd=64, text 512, z 100, condition 128,
-  three stages (64/128/256 px). Generator about 15.4M parameters.
-- ``demo``: a small model that trains on two CPU cores (the embedded demo);
+  three stages (64/128/256 px), with the recipe switches the toy-face measurements
+  chose (GLU up-blocks, orthogonal CA init, a CLIP-aided last discriminator).
+  Generator about 16.8M parameters (15.4M with the reference's transposed convolutions).
+- ``demo``: a small model that trains on two CPU cores (the embedded demo), same switches;
 - ``reference``: the bootcamp's network as it was, kept for comparison whatever
   ``faces`` adopts (every recipe switch at its reference value).
 """

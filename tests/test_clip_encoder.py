@@ -1,5 +1,7 @@
 """The CLIP wrapper, on a tiny random open_clip model (offline)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -232,3 +234,20 @@ def test_an_older_file_with_openai_weights_gets_a_warning(tiny_clip, monkeypatch
     monkeypatch.setattr(tiny_clip, "activation", "quick_gelu")
     with pytest.warns(UserWarning, match="does not record which activation"):
         check_same_clip(None, tiny_clip, what="old.pt")
+
+
+def test_the_same_spec_with_other_weights_is_refused(tiny_clip, tmp_path):
+    """A rebuilt demo CLIP keeps its spec ("demo") but not its weights: features made with the
+    earlier one must not train with the new one (the CLIP loss would read another text space)."""
+    from helpers.clip_encoder import ClipEncoder, check_same_clip
+    from helpers.errors import UserError
+
+    recorded = tiny_clip.identity
+    assert recorded["weights"] == tiny_clip.identity["weights"]  # stable for the same weights
+    model = copy.deepcopy(tiny_clip.model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    rebuilt = ClipEncoder(model, tiny_clip.tokenizer, tiny_clip.spec, image_size=tiny_clip.image_size)
+    with pytest.raises(UserError, match="with other weights than the one loaded now"):
+        check_same_clip(recorded, rebuilt, what="features.pt")
+    check_same_clip({k: v for k, v in recorded.items() if k != "weights"}, rebuilt, what="old.pt")  # not recorded

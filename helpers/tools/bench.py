@@ -121,13 +121,18 @@ class _TotalsOnly:
         return None
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (matmul/conv/attention, forward and backward), by FlopCounterMode."""
+def totals_counter() -> Any:
+    """A FlopCounterMode that keeps totals per op only (``_TotalsOnly``), usable on a step with R1."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _TotalsOnly()  # type: ignore[assignment]
-    with counter:
+    return counter
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmul/conv/attention, forward and backward), by FlopCounterMode."""
+    with totals_counter() as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -516,9 +521,7 @@ def time_breakdown(fn: Callable[[], Any], *, device: torch.device, rate: float, 
     of the matmul/conv ops alone (their FLOPs over their time) as a fraction of the matmul
     rate. Time outside aten ops (Python, autograd bookkeeping) is its own share.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:  # a run of its own: the counter's overhead stays out of the times
+    with totals_counter() as counter:  # a run of its own: the counter's overhead stays out of the times
         fn()
     flops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     timer = _op_timer(device)
