@@ -107,6 +107,18 @@ def train_clip(
 
 
 @torch.no_grad()
+def _image_features(model: nn.Module, images: np.ndarray) -> Tensor:
+    """uint8 [N, S, S, 3] -> L2-normalised image features [N, embed_dim], in batches of 256 (eval mode)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    model.eval()
+    return torch.cat(
+        [F.normalize(model.encode_image(_to_pixels(torch.from_numpy(np.ascontiguousarray(images[i : i + 256])), mean, std)), dim=-1)
+         for i in range(0, len(images), 256)]
+    )
+
+
+@torch.no_grad()
 def retrieval_top1(
     model: nn.Module,
     images: np.ndarray,
@@ -127,13 +139,7 @@ def retrieval_top1(
     import open_clip
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    model.eval()
-    image_features = torch.cat(
-        [F.normalize(model.encode_image(_to_pixels(torch.from_numpy(np.ascontiguousarray(images[i : i + 256])), mean, std)), dim=-1)
-         for i in range(0, len(images), 256)]
-    )
+    image_features = _image_features(model, images)
     text_features = torch.cat(
         [F.normalize(model.encode_text(tokenizer(list(captions[i : i + 256]))), dim=-1) for i in range(0, len(captions), 256)]
     )
@@ -178,13 +184,7 @@ def prompt_retrieval(
     import open_clip
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    model.eval()
-    image_features = torch.cat(
-        [F.normalize(model.encode_image(_to_pixels(torch.from_numpy(np.ascontiguousarray(images[i : i + 256])), mean, std)), dim=-1)
-         for i in range(0, len(images), 256)]
-    )
+    image_features = _image_features(model, images)
     text_features = F.normalize(model.encode_text(tokenizer([p for p, _ in prompts])), dim=-1)
     attrs = torch.as_tensor(attributes, dtype=torch.bool)
     gen = torch.Generator().manual_seed(seed)
