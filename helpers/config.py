@@ -8,7 +8,8 @@ network widths. Presets:
 - ``faces``: the reference sizes of the bootcamp project (StackGAN++ family,
   CLIP ViT-B/32 text features): Ng=1024, Nd=64, text 512, z 100, condition 128,
   three stages (64/128/256 px), with the recipe switches the toy-face measurements
-  chose (GLU up-blocks, orthogonal CA init, a CLIP-aided last discriminator).
+  chose (GLU up-blocks, orthogonal CA init, a noise-free condition, a CLIP-aided last
+  discriminator).
   Generator about 16.8M parameters (15.4M with the reference's transposed convolutions).
 - ``demo``: a small model that trains on two CPU cores (the embedded demo), same switches;
 - ``reference``: the bootcamp's network as it was, kept for comparison whatever
@@ -75,6 +76,8 @@ class ModelConfig:
     upsample: str = "deconv"  # G's x2 upsampling: "deconv" (4x4 stride-2 transposed conv, reference),
     #   "nearest" (nearest x2 + 3x3 conv) or "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block)
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
+    ca_noise: float = 1.0  # scale of CA's sampled noise: 1 (StackGAN, reference); 0: the condition is its mean, as
+    #   LAFITE and DF-GAN feed the text feature itself (z alone varies the image); the same in training and sampling
     d_norm: str = "batch"  # discriminator normalisation: "batch" (BatchNorm, reference) or "none"
     d_spectral_norm: bool = False  # spectral normalisation of every discriminator convolution (Miyato et al.)
     d_clip_head: bool = False  # the last stage's D also judges the run's frozen CLIP image features (GALIP)
@@ -86,6 +89,9 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.ca_init_gain is not None and self.ca_init_gain <= 0:
             raise ValueError(f"ca_init_gain must be positive (or None), got {self.ca_init_gain}")
+        if not 0 <= self.ca_noise <= 1:
+            raise ValueError(f"ca_noise must be in [0, 1] (1: StackGAN's sampled condition, 0: its mean), "
+                             f"got {self.ca_noise}")
         min_ng = 16 * 2 ** (self.num_stages - 1) * 2
         if self.ng < min_ng or self.ng % min_ng:
             raise ValueError(
@@ -128,15 +134,15 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", ca_init_gain=None, d_norm="batch", d_spectral_norm=False, d_clip_head=False,
+    upsample="deconv", ca_init_gain=None, ca_noise=1.0, d_norm="batch", d_spectral_norm=False, d_clip_head=False,
 )
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # the reference sizes with the recipe the toy-face measurements chose (README, "Measuring the recipe")
     "faces": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3, upsample="nearest_glu",
-                  ca_init_gain=1.0, d_clip_head=True),
+                  ca_init_gain=1.0, ca_noise=0.0, d_clip_head=True),
     "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=256, nd=8, num_stages=3, upsample="nearest_glu",
-                 ca_init_gain=1.0, d_clip_head=True),
+                 ca_init_gain=1.0, ca_noise=0.0, d_clip_head=True),
     # the bootcamp's network exactly (its bugs fixed), every recipe switch at its reference value
     "reference": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3, **REFERENCE_MODEL_RECIPE),
 }

@@ -111,12 +111,14 @@ class ConditioningAugmentation(nn.Module):
     """CLIP feature -> (condition, mu, logvar), each [B, cond_dim].
 
     A linear layer (no activation) gives the mean and log-variance of a Gaussian;
-    the condition is a reparameterised sample ``mu + exp(logvar / 2) * eps``.
+    the condition is a reparameterised sample ``mu + noise * exp(logvar / 2) * eps``
+    (``noise``: ``ModelConfig.ca_noise``, 1 in StackGAN; at 0 the condition is ``mu``).
     """
 
-    def __init__(self, text_dim: int, cond_dim: int) -> None:
+    def __init__(self, text_dim: int, cond_dim: int, noise: float = 1.0) -> None:
         super().__init__()
         self.fc = nn.Linear(text_dim, 2 * cond_dim)
+        self.noise = noise
 
     def forward(
         self, text_emb: Tensor, eps: Tensor | None = None, *, generator: torch.Generator | None = None
@@ -125,7 +127,7 @@ class ConditioningAugmentation(nn.Module):
         mu, logvar = self.fc(text_emb).chunk(2, dim=1)
         if eps is None:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        condition = mu + torch.exp(0.5 * logvar) * eps
+        condition = mu + self.noise * torch.exp(0.5 * logvar) * eps if self.noise else mu
         return condition, mu, logvar
 
 
@@ -199,7 +201,7 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.ca = ConditioningAugmentation(cfg.text_dim, cfg.cond_dim)
+        self.ca = ConditioningAugmentation(cfg.text_dim, cfg.cond_dim, cfg.ca_noise)
         channels = cfg.stage_channels  # e.g. [64, 32, 16] for ng = 1024
         stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng, cfg.upsample)]
         stages += [NextStage(c, cfg.cond_dim, cfg.num_res_blocks, cfg.upsample) for c in channels[:-1]]

@@ -20,8 +20,8 @@ from helpers.network import (
 SMALL = dict(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4)
 
 
-def small_cfg(num_stages: int = 3) -> ModelConfig:
-    return ModelConfig(**SMALL, num_stages=num_stages)
+def small_cfg(num_stages: int = 3, **overrides) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **overrides}, num_stages=num_stages)
 
 
 def text(batch: int, dim: int) -> torch.Tensor:
@@ -114,6 +114,22 @@ def test_conditioning_augmentation_is_linear_and_reparameterised():
     assert (mu < 0).any() and (mu > 0).any() and (logvar < 0).any()
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     torch.testing.assert_close(ca(t, generator=g1)[0], ca(t, generator=g2)[0])
+
+
+def test_ca_noise_scales_the_sampled_part_of_the_condition_in_the_generator():
+    t, eps = text(4, 16), torch.randn(4, 8)
+    for noise in (0.0, 0.5):
+        cfg = small_cfg(1, text_dim=16, cond_dim=8, ca_noise=noise)
+        G, _ = build_models(cfg, seed=0)
+        cond, mu, logvar = G.ca(t, eps)
+        torch.testing.assert_close(cond, mu + noise * torch.exp(0.5 * logvar) * eps)
+    G.eval()  # at 0 the noise changes nothing: the image depends on z alone
+    G0, _ = build_models(small_cfg(1, text_dim=16, cond_dim=8, ca_noise=0.0), seed=0)
+    G0.eval()
+    z = torch.randn(4, G0.cfg.z_dim)
+    assert torch.equal(G0(t, z, eps).images[0], G0(t, z, torch.randn(4, 8)).images[0])
+    with pytest.raises(ValueError, match="ca_noise must be in"):
+        small_cfg(1, ca_noise=1.5)
 
 
 def test_seeded_construction_and_forward_are_deterministic():

@@ -523,14 +523,15 @@ def test_the_reference_preset_keeps_the_bootcamp_recipe():
     from helpers.train_config import reference_recipe
 
     ref = train_preset("reference")
-    assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.d_norm, ref.model.d_spectral_norm,
-            ref.model.d_clip_head) == ("deconv", None, "batch", False, False)
+    assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.ca_noise, ref.model.d_norm,
+            ref.model.d_spectral_norm, ref.model.d_clip_head) == ("deconv", None, 1.0, "batch", False, False)
     assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats,
             ref.balance_attributes, ref.ma_gp_weight, ref.reg_every) == (0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1)
     assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
     # the faces preset is the same run with the adopted switches: back at the reference values, it is the reference
     faces = train_preset("faces")
-    assert (faces.model.upsample, faces.r1_weight, faces.clip_augment) == ("nearest_glu", 0.05, True)
+    assert (faces.model.upsample, faces.model.ca_noise, faces.r1_weight, faces.clip_augment) == (
+        "nearest_glu", 0.0, 0.05, True)
     assert dataclasses.replace(reference_recipe(faces), preset="reference") == ref
 
 
