@@ -37,6 +37,30 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     assert 0 <= q["attribute_accuracy"] <= 1 and set(q["recall"]) == set(q["per_attribute"])
     assert q["resolution"] == 64 and q["artifact_index"]["ratio"] > 0
     assert len(q["distances"]) == 2 and all("fid" in d for d in q["distances"].values())  # both extractors named
+    probe = q["condition_probe"]
+    assert set(probe["mean"]) == set(probe["sampled"]) and 0 <= probe["min_sampled"] <= 1
+
+
+@pytest.mark.parametrize("ca_noise", [1.0, 0.0])
+def test_the_condition_probe_sees_what_the_noise_hides(ca_noise):
+    from helpers.config import ModelConfig
+    from helpers.network import build_models
+
+    G, _ = build_models(ModelConfig(text_dim=8, z_dim=8, cond_dim=8, ng=32, nd=4, num_stages=1, ca_noise=ca_noise),
+                        seed=0)
+    with torch.no_grad():  # mu = 0.1 * text (a faint signal), log-variance 0: noise of std 1
+        G.ca.fc.weight.zero_()
+        G.ca.fc.bias.zero_()
+        G.ca.fc.weight[:8].copy_(0.1 * torch.eye(8))
+    g = torch.Generator().manual_seed(1)  # not the probe's seed: its noise would equal the text
+    text = torch.randn(2000, 8, generator=g)
+    values = torch.stack([text[:, 0] > 0, text[:, 1] > 0.5], dim=1)
+    probe = quality.condition_probe(G, text, values, ["a", "b"], torch.arange(2000) // 4)
+    assert probe["min_mean"] > 0.95  # the mean carries both attributes
+    if ca_noise:
+        assert probe["sampled"]["a"] < 0.7 and probe["min_sampled"] < 0.7  # one draw of noise drowns them
+    else:
+        assert probe["sampled"] == probe["mean"]
 
 
 def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_features, tiny_clip, tmp_path,

@@ -20,6 +20,9 @@ generator never saw), ``measure_quality`` reports:
   against);
 - **diversity ratio**: pairwise distance between seeds of one prompt over that of
   real faces with the same attributes (1 = as varied as real faces);
+- **condition probe** (``condition_probe``): how well a linear probe reads each
+  attribute from the condition the generator's stages receive, from its mean and as
+  sampled (with conditioning augmentation's noise): what G cannot know, it cannot draw;
 - **seconds per step**: after every variant has trained, each one's step is timed
   alone (``time_steps``: the median of 20 steps after 3 warm-up ones), so that no
   measurement or other variant shares the machine with the timing.
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import write_json
@@ -94,6 +98,62 @@ def periodic_artifact_index(generated: Tensor, real: Tensor, *, divisor: int = A
 
 
 @torch.no_grad()
+def _balanced_probe(x: Tensor, y: Tensor, fit: Tensor, *, steps: int = 100, l2: float = 1e-4) -> float:
+    """Balanced accuracy on rows ``~fit`` of a class-balanced logistic regression fitted on rows ``fit``.
+
+    x [N, D] float; y [N] bool; fit [N] bool. 0.5 is chance, 1 a perfect reading.
+    """
+    mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
+    x = (x - mean) / std
+    y_fit, share = y[fit].float(), y[fit].float().mean().clamp(1e-3, 1 - 1e-3)
+    balance = torch.where(y[fit], 0.5 / share, 0.5 / (1 - share))
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x[fit] @ w + b, y_fit, weight=balance) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        said, truth = (x[~fit] @ w + b) > 0, y[~fit]
+    recalls = [float((said[truth == v] == v).float().mean()) for v in (True, False) if (truth == v).any()]
+    return float(np.mean(recalls))
+
+
+def condition_probe(
+    generator: Any, text: Tensor, values: Tensor, names: list[str], image_ids: Tensor, *, seed: int = 0,
+) -> dict[str, Any]:
+    """How well each attribute can be read, linearly, from the condition G's stages receive.
+
+    generator: a ``network.Generator``; text [N, text_dim]: caption features (several per
+    image); values [N, A] bool: each caption's image's attributes, named ``names``;
+    image_ids [N]: the image of each row. For each attribute, a class-balanced logistic
+    regression is fitted on the rows of three images in four and judged on the rest
+    (balanced accuracy, 0.5 = chance) twice: on the condition's mean and on the
+    condition as sampled (one seeded draw of conditioning augmentation's noise, at the
+    model's ``ca_noise``). A generator cannot reliably draw what its condition does not
+    carry, so the sampled column bounds what G can learn to show.
+    Returns ``{"mean": {name: acc}, "sampled": {name: acc}, "min_mean", "min_sampled"}``.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    eps = torch.randn(len(text), generator.cfg.cond_dim, generator=rng)
+    with torch.no_grad():
+        sampled, mu, _ = generator.ca(text.float(), eps)
+    images = torch.unique(image_ids)
+    fit_images = images[torch.randperm(len(images), generator=rng)[: len(images) * 3 // 4]]
+    fit = torch.isin(image_ids, fit_images)
+    out: dict[str, Any] = {}
+    for key, x in (("mean", mu), ("sampled", sampled)):
+        out[key] = {n: _balanced_probe(x, values[:, j], fit) for j, n in enumerate(names)
+                    if 0 < int(values[fit, j].sum()) < int(fit.sum())}
+        out[f"min_{key}"] = min(out[key].values()) if out[key] else None
+    return out
+
+
 def measure_quality(
     checkpoint: str | os.PathLike | None,
     features: str | os.PathLike,
@@ -193,6 +253,14 @@ def measure_quality(
     )
     if gen_d:
         diversity["ratio"] = diversity["generated"] / diversity["real"]
+
+    # What the condition carries: every caption of every held-out face.
+    counts = torch.as_tensor(test.caption_counts)
+    keep = torch.arange(test.text_features.shape[1]).unsqueeze(0) < counts.unsqueeze(1)  # [N_img, C]
+    probe = condition_probe(
+        model.generator, test.text_features[keep], values.unsqueeze(1).expand(-1, keep.shape[1], -1)[keep],
+        list(TOY_ATTRIBUTES), torch.arange(len(test)).unsqueeze(1).expand_as(keep)[keep], seed=seed,
+    )
     last = per_stage[str(size)]
     # What answering every image with each attribute's commonest value would score: the
     # level a generator that ignores the text reaches.
@@ -203,7 +271,7 @@ def measure_quality(
         attribute_accuracy=last["mean"], majority_baseline=baseline, per_attribute=last["per_attribute"],
         recall=last["recall"], min_recall=min(recalls) if recalls else None, per_stage=per_stage,
         artifact_index=periodic_artifact_index(fake, real), distances=distances, resolution=size,
-        diversity=diversity, captions=len(picks), seeds=seeds, checkpoint_step=model.step,
+        diversity=diversity, condition_probe=probe, captions=len(picks), seeds=seeds, checkpoint_step=model.step,
     )
 
 
