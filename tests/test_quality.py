@@ -37,6 +37,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     assert 0 <= q["attribute_accuracy"] <= 1 and set(q["recall"]) == set(q["per_attribute"])
     assert q["resolution"] == 64 and q["artifact_index"]["ratio"] > 0
     assert len(q["distances"]) == 2 and all("fid" in d for d in q["distances"].values())  # both extractors named
+    assert set(q["diversity"]["per_stage"]) == {"64"}  # one stage; its value is the ratio (see test_demo)
     probe = q["condition_probe"]
     assert set(probe["mean"]) == set(probe["sampled"]) and 0 <= probe["min_sampled"] <= 1
 

@@ -19,7 +19,8 @@ generator never saw), ``measure_quality`` reports:
   the demo CLIP's image tower, and a seeded random conv net that no variant trains
   against);
 - **diversity ratio**: pairwise distance between seeds of one prompt over that of
-  real faces with the same attributes (1 = as varied as real faces);
+  real faces with the same attributes (1 = as varied as real faces), at the last stage
+  and at each stage (where variety is lost);
 - **condition probe** (``condition_probe``): how well a linear probe reads each
   attribute from the condition the generator's stages receive, from its mean and as
   sampled (with conditioning augmentation's noise): what G cannot know, it cannot draw;
@@ -179,7 +180,8 @@ def measure_quality(
     distance (64 px) between ``diversity_seeds`` generated images, divided by the
     same distance between real toy faces that have exactly the caption's
     attributes (looked for among ``real_pool_faces`` freshly drawn ones). About 1
-    means as varied as real faces; near 0 means mode collapse.
+    means as varied as real faces; near 0 means mode collapse. ``per_stage`` gives the
+    same ratio for every stage's images (each brought to 64 px), to show where it is lost.
     """
     from .. import metrics
     from ..attributes import attribute_accuracy, load_attribute_classifier
@@ -237,22 +239,28 @@ def measure_quality(
         key = tuple(a[n] for n in TOY_ATTRIBUTES)
         if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
             real_pool[key].append(dequantize(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION)), channels_last=True))
-    gen_d, real_d = [], []
+    stage_d: list[list[float]] = [[] for _ in model.resolutions]  # every stage's images, judged at 64 px
+    real_d = []
     for i in picks[:diversity_prompts].tolist():
         key = tuple(values[i].tolist())
         if len(real_pool.get(key, [])) < 2:
             continue
         feat = test.text_features[i, 0:1].repeat(diversity_seeds, 1)
-        g = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])[-1]
-        gen_d.append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
+        stages = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])
+        for s, g in enumerate(stages):
+            stage_d[s].append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
         real_d.append(pairwise_distance(torch.stack(real_pool[key])))
-    diversity = dict(
+    gen_d = stage_d[-1]
+    diversity: dict[str, Any] = dict(
         generated=float(np.mean(gen_d)) if gen_d else None,
         real=float(np.mean(real_d)) if real_d else None,
         prompts=len(gen_d),
     )
     if gen_d:
         diversity["ratio"] = diversity["generated"] / diversity["real"]
+    # where variety is lost: each stage's ratio (the last one is ``ratio``); None without prompts
+    diversity["per_stage"] = {str(r): float(np.mean(d)) / diversity["real"] if d else None
+                              for r, d in zip(model.resolutions, stage_d)}
 
     # What the condition carries: every caption of every held-out face.
     counts = torch.as_tensor(test.caption_counts)
