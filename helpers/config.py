@@ -78,6 +78,8 @@ class ModelConfig:
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
     ca_noise: float = 1.0  # scale of CA's sampled noise: 1 (StackGAN, reference); 0: the condition is its mean, as
     #   LAFITE and DF-GAN feed the text feature itself (z alone varies the image); the same in training and sampling
+    z_every_stage: bool = False  # stages 2 and 3 also receive z beside the condition (DF-GAN and GALIP feed
+    #   the noise to every block); False: z enters stage 1 only (reference)
     d_norm: str = "batch"  # discriminator normalisation: "batch" (BatchNorm, reference) or "none"
     d_spectral_norm: bool = False  # spectral normalisation of every discriminator convolution (Miyato et al.)
     d_clip_head: bool = False  # the last stage's D also judges the run's frozen CLIP image features (GALIP)
@@ -134,7 +136,7 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", ca_init_gain=None, ca_noise=1.0, d_norm="batch", d_spectral_norm=False, d_clip_head=False,
+    upsample="deconv", ca_init_gain=None, ca_noise=1.0, z_every_stage=False, d_norm="batch", d_spectral_norm=False, d_clip_head=False,
 )
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

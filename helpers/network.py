@@ -204,7 +204,8 @@ class Generator(nn.Module):
         self.ca = ConditioningAugmentation(cfg.text_dim, cfg.cond_dim, cfg.ca_noise)
         channels = cfg.stage_channels  # e.g. [64, 32, 16] for ng = 1024
         stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng, cfg.upsample)]
-        stages += [NextStage(c, cfg.cond_dim, cfg.num_res_blocks, cfg.upsample) for c in channels[:-1]]
+        upper_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_every_stage else 0)  # what stages 2 and 3 tile
+        stages += [NextStage(c, upper_dim, cfg.num_res_blocks, cfg.upsample) for c in channels[:-1]]
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList([ImageHead(c) for c in channels])
 
@@ -223,8 +224,9 @@ class Generator(nn.Module):
         images = []
         features = self.stages[0](condition, z)
         images.append(self.heads[0](features))
+        upper = torch.cat([condition, z], dim=1) if self.cfg.z_every_stage else condition
         for stage, head in zip(self.stages[1:], self.heads[1:]):
-            features = stage(features, condition)
+            features = stage(features, upper)
             images.append(head(features))
         return GeneratorOutput(images, mu, logvar)
 

@@ -132,6 +132,19 @@ def test_ca_noise_scales_the_sampled_part_of_the_condition_in_the_generator():
         small_cfg(1, ca_noise=1.5)
 
 
+def test_z_every_stage_gives_the_upper_stages_the_noise_beside_the_condition():
+    cfg = small_cfg(3, z_every_stage=True, ca_noise=0.0)
+    G, _ = build_models(cfg, seed=0)
+    seen = []
+    G.stages[1].register_forward_hook(lambda module, args, out: seen.append(args[1]))
+    t, z = text(2, cfg.text_dim), torch.randn(2, cfg.z_dim)
+    images = G(t, z).images
+    assert [x.shape[-1] for x in images] == [64, 128, 256]
+    torch.testing.assert_close(seen[0], torch.cat([G.condition_mean(t), z], dim=1))
+    plain, _ = build_models(small_cfg(3), seed=0)
+    assert sum(p.numel() for p in G.parameters()) > sum(p.numel() for p in plain.parameters())
+
+
 def test_seeded_construction_and_forward_are_deterministic():
     cfg = small_cfg(3)
     outs = []
