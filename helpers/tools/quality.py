@@ -40,7 +40,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import write_json
+
+if TYPE_CHECKING:
+    from ..network import Generator
 
 ARTIFACT_DIVISOR = 8  # spikes of stride-2 upsampling stacks sit at multiples of N / 8 of the spectrum
 DEFAULT_POINTS = (250, 500, 1000)
@@ -126,7 +129,7 @@ def _balanced_probe(x: Tensor, y: Tensor, fit: Tensor, *, steps: int = 100, l2: 
 
 
 def condition_probe(
-    generator: Any, text: Tensor, values: Tensor, names: list[str], image_ids: Tensor, *, seed: int = 0,
+    generator: Generator, text: Tensor, values: Tensor, names: list[str], image_ids: Tensor, *, seed: int = 0,
 ) -> dict[str, Any]:
     """How well each attribute can be read, linearly, from the condition G's stages receive.
 
