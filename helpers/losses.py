@@ -7,6 +7,8 @@ InfoNCE between image-side embeddings and CLIP text features, computed in fp32
 with cross-entropy and averaged over the batch (the bootcamp reference summed
 them, which tied their scale to the batch size). The mode-seeking term is
 MSGAN's (Mao et al. 2019): it rewards images that move when only the noise does.
+The colour-consistency term is StackGAN-v2's (Zhang et al. 2018): each upper stage
+keeps the colour statistics of the stage below it.
 
 ``d_stage_losses`` and ``g_stage_losses`` assemble one stage's terms from the
 discriminator heads' record (``network.DiscOutput``); each returns a dict of
@@ -17,6 +19,7 @@ in one of these dicts.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -116,6 +119,31 @@ def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tenso
     z_gap = (z_a.float() - z_b.float()).abs().mean()
     terms = [1.0 / ((a.float() - b.float()).abs().mean() / z_gap + eps) for a, b in zip(images_a, images_b)]
     return torch.stack(terms).mean()
+
+
+def color_statistics(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image colour mean [B, 3] and covariance [B, 3, 3] over the pixels of images [B, 3, H, W] (fp32)."""
+    x = images.float().flatten(2)  # [B, 3, H*W]
+    mean = x.mean(2)
+    centred = x - mean.unsqueeze(2)
+    return mean, centred @ centred.transpose(1, 2) / x.shape[2]
+
+
+def color_consistency_loss(images: list[Tensor], *, covariance_weight: float = 5.0) -> Tensor:
+    """StackGAN-v2's colour-consistency term, summed over the upper stages.
+
+    images[s]: stage s's images [B, 3, H_s, W_s] in [-1, 1] (the sizes may differ). For
+    every stage s >= 1: MSE between its per-image colour mean and that of stage s - 1,
+    plus ``covariance_weight`` (StackGAN-v2: 5) x MSE between their colour covariances.
+    The lower stage is detached: the upper stage follows it, not the other way round.
+    A single stage gives 0.
+    """
+    total = images[0].new_zeros((), dtype=torch.float32)
+    for lower, upper in itertools.pairwise(images):
+        mean_l, cov_l = color_statistics(lower.detach())
+        mean_u, cov_u = color_statistics(upper)
+        total = total + F.mse_loss(mean_u, mean_l) + covariance_weight * F.mse_loss(cov_u, cov_l)
+    return total
 
 
 # --------------------------------------------------------------------------- one stage, assembled

@@ -43,6 +43,8 @@ class TrainConfig:
     clip_stages: list[int] = field(default_factory=lambda: [-1])  # stages with the CLIP loss (-1: the last)
     kl_weight: float = 1.0  # beta: KL of conditioning augmentation (reference: 1)
     mode_seeking_weight: float = 0.0  # MSGAN term against mode collapse (0: off); costs G a quarter more images
+    mode_seeking_stages: list[int] | None = None  # stages the mode-seeking term averages over (None: every stage,
+    #   -1: the last); on toy faces the upper stages lost their variety without it (README, "Measuring the recipe")
     temperature: float = 0.5  # tau of both InfoNCE losses (reference/LAFITE: 0.5)
     language_free: bool = False  # LAFITE: train on image features + noise instead of caption features
     pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
@@ -67,6 +69,8 @@ class TrainConfig:
     #   (0: uniform, the reference; 0.5: square-root balancing); needs a features file with attributes
     ma_gp_weight: float = 0.0  # k of DF-GAN's matching-aware gradient penalty k * E|grad D(real, text)|^6 (0: off)
     reg_every: int = 1  # R1 / MA-GP every this many steps, weighted by it (StyleGAN2's lazy regularisation)
+    color_consistency: float = 0.0  # StackGAN-v2's colour-consistency weight (0: off; StackGAN-v2: 50): every
+    #   upper stage keeps the per-image colour mean and covariance of the stage below (covariance x 5)
     ema_standing_stats: int = 0  # batches of text features that recompute G_ema's BatchNorm statistics for its
     #   weights before every save (0: G's statistics, copied, as the reference)
 
@@ -74,6 +78,8 @@ class TrainConfig:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         self.clip_stages = [int(s) for s in self.clip_stages]
+        if self.mode_seeking_stages is not None:
+            self.mode_seeking_stages = [int(s) for s in self.mode_seeking_stages]
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (BatchNorm and InfoNCE need a batch), got {self.batch_size}")
         if self.steps is not None and self.steps < 0 or self.epochs < 0:
@@ -85,16 +91,22 @@ class TrainConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.d_batches not in ("separate", "joint"):
             raise ValueError(f"d_batches must be 'separate' or 'joint', got {self.d_batches!r}")
-        if self.r1_weight < 0 or self.ema_standing_stats < 0 or self.ma_gp_weight < 0 or self.balance_attributes < 0:
-            raise ValueError("r1_weight, ma_gp_weight, balance_attributes and ema_standing_stats must be >= 0")
+        if min(self.r1_weight, self.ema_standing_stats, self.ma_gp_weight, self.balance_attributes,
+               self.color_consistency) < 0:
+            raise ValueError("r1_weight, ma_gp_weight, balance_attributes, color_consistency and ema_standing_stats "
+                             "must be >= 0")
         if self.reg_every < 1:
             raise ValueError(f"reg_every must be >= 1, got {self.reg_every}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         n = self.model.num_stages
-        bad = [s for s in self.clip_stages if not -n <= s < n]
-        if bad:
-            raise ValueError(f"clip_stages {bad} out of range for {n} stages (use 0..{n - 1} or -1 for the last)")
+        for name, stages in (("clip_stages", self.clip_stages), ("mode_seeking_stages", self.mode_seeking_stages or [])):
+            bad = [s for s in stages if not -n <= s < n]
+            if bad:
+                raise ValueError(f"{name} {bad} out of range for {n} stages (use 0..{n - 1} or -1 for the last)")
+        if self.mode_seeking_stages == []:
+            raise ValueError("mode_seeking_stages must name at least one stage (or be null: every stage); "
+                             "mode_seeking_weight=0 turns the term off")
         parse_policy(self.diffaugment)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +123,7 @@ class TrainConfig:
 # The training recipe's switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_RECIPE: dict[str, Any] = dict(
     temperature=0.5, r1_weight=0.0, ma_gp_weight=0.0, reg_every=1, clip_augment=False, d_batches="separate",
-    balance_attributes=0.0, ema_standing_stats=0,
+    balance_attributes=0.0, ema_standing_stats=0, color_consistency=0.0,
 )
 
 

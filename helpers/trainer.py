@@ -11,12 +11,13 @@ et al. 2022) and the EMA generator of StyleGAN (Karras et al.). One step:
    optimisers step;
 3. G step: the same fakes, not detached, through the updated discriminators
    (their weights frozen for this backward), plus the CLIP loss at the configured
-   stages, the KL term and (when on) MSGAN's mode-seeking term; G steps and the
+   stages, the KL term and (when on) MSGAN's mode-seeking term and StackGAN-v2's
+   colour consistency between stages; G steps and the
    EMA copy follows.
 
 Loss terms come from the pure functions of ``losses`` and are returned under
 hierarchical names: ``loss/d``, ``loss/d/stage0``, ``loss/d/stage0/cond``, ...,
-``loss/g``, ``loss/g/stage0/adv``, ``loss/g/kl``, ``loss/g/mode_seeking``.
+``loss/g``, ``loss/g/stage0/adv``, ``loss/g/kl``, ``loss/g/mode_seeking``, ``loss/g/color``.
 Everything random in a step draws from one ``torch.Generator`` (saved in the
 checkpoint), so a resumed run continues the same stream.
 """
@@ -143,6 +144,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16 else None
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.clip_stages = sorted({s % cfg.model.num_stages for s in cfg.clip_stages}) if cfg.clip_weight > 0 else []
+        every = range(cfg.model.num_stages)
+        self.mode_seeking_stages = sorted({s % cfg.model.num_stages for s in cfg.mode_seeking_stages or every})
         self.step = 0
         self.sync: Any = None  # a distributed.Distributed under torchrun (set by its prepare()); None: one process
 
@@ -305,9 +308,14 @@ class Trainer:
             total = sum(terms[loss_name("g", i)] for i in range(len(self.D)))
             terms[loss_name("g", "kl")] = losses.kl_loss(fakes.mu, fakes.logvar)
             total = total + cfg.kl_weight * terms[loss_name("g", "kl")]
+            if cfg.color_consistency > 0 and len(fakes.images) > 1:
+                terms[loss_name("g", "color")] = losses.color_consistency_loss(fakes.images)
+                total = total + cfg.color_consistency * terms[loss_name("g", "color")]
             if fakes.twins is not None:
                 k = fakes.twins[0].shape[0]
-                seeking = losses.mode_seeking_loss([f[:k] for f in fakes.images], fakes.twins, fakes.z[:k], fakes.twin_z)
+                stages = self.mode_seeking_stages
+                seeking = losses.mode_seeking_loss([fakes.images[s][:k] for s in stages],
+                                                   [fakes.twins[s] for s in stages], fakes.z[:k], fakes.twin_z)
                 terms[loss_name("g", "mode_seeking")] = seeking
                 total = total + cfg.mode_seeking_weight * seeking
         terms[G_LOSS] = total

@@ -111,6 +111,38 @@ def test_mode_seeking_loss_on_known_images():
         losses.mode_seeking_loss(a, b[:1], z_a, z_b)
 
 
+def test_color_statistics_on_known_images():
+    two = torch.stack([torch.full((3, 4, 4), 0.5), torch.zeros(3, 4, 4)])
+    two[1, 0, :2] = 1.0  # image 1, red channel: half the pixels 1, half 0
+    mean, cov = losses.color_statistics(two)
+    assert torch.allclose(mean, torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.0, 0.0]]))
+    assert torch.allclose(cov[0], torch.zeros(3, 3))  # a flat image has no colour spread
+    assert cov[1, 0, 0].item() == pytest.approx(0.25) and cov[1, 1:].abs().sum() == 0
+
+
+def test_color_consistency_loss_keeps_the_lower_stages_colours():
+    torch.manual_seed(0)
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    same_colours = F.interpolate(low, scale_factor=2, mode="nearest")  # the same pixels, 4 times each
+    assert losses.color_consistency_loss([low, same_colours]).item() == pytest.approx(0.0, abs=1e-10)
+    assert losses.color_consistency_loss([low]).item() == 0.0  # one stage: nothing to keep
+    # a colour shift of 0.3 in one channel: MSE of the means over 2 x 3 entries
+    shifted = same_colours.clone()
+    shifted[:, 0] += 0.3
+    assert losses.color_consistency_loss([low, shifted]).item() == pytest.approx(0.09 / 3, rel=1e-4)
+    # a doubled contrast moves the covariance, weighted x5 (StackGAN-v2)
+    _, cov = losses.color_statistics(low)
+    contrast = losses.color_consistency_loss([low, 2 * same_colours - same_colours.mean((2, 3), keepdim=True)])
+    assert contrast.item() == pytest.approx(5 * F.mse_loss(4 * cov, cov).item(), rel=1e-4)
+    # three stages: both upper stages count; only the upper side of each pair gets a gradient
+    stages = [low.clone().requires_grad_(True), shifted.clone().requires_grad_(True),
+              F.interpolate(shifted, scale_factor=2).requires_grad_(True)]
+    total = losses.color_consistency_loss(stages)
+    assert total.item() == pytest.approx(0.09 / 3, rel=1e-4)  # stage 2 keeps stage 1's colours: no cost
+    total.backward()
+    assert stages[0].grad is None and stages[1].grad.abs().sum() > 0
+
+
 def test_info_nce_runs_in_fp32_inside_autocast():
     # Called from the trainer inside autocast: the similarity matmul must still be fp32.
     g = torch.Generator().manual_seed(0)

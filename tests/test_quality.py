@@ -38,8 +38,24 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     assert q["resolution"] == 64 and q["artifact_index"]["ratio"] > 0
     assert len(q["distances"]) == 2 and all("fid" in d for d in q["distances"].values())  # both extractors named
     assert set(q["diversity"]["per_stage"]) == {"64"}  # one stage; its value is the ratio (see test_demo)
+    assert set(q["diversity"]["mean_colour_per_stage"]) == {"64"}
     probe = q["condition_probe"]
     assert set(probe["mean"]) == set(probe["sampled"]) and 0 <= probe["min_sampled"] <= 1
+    # every face given the commonest attributes of the real pool (seed 7777, as measure_quality draws it): the
+    # diversity prompts find real faces to compare with, and every ratio is a number
+    from collections import Counter
+
+    from helpers.files import atomic_save
+    from helpers.toyfaces import TOY_ATTRIBUTES, iter_toyfaces
+
+    pool = Counter(tuple(a[n] for n in TOY_ATTRIBUTES) for _, a, _ in iter_toyfaces(100, seed=7777))
+    data = torch.load(toy_features, weights_only=False)
+    data["attributes"]["values"][:] = torch.tensor(pool.most_common(1)[0][0])
+    atomic_save(data, toy_features)
+    q = quality.measure_quality(path, toy_features, num_captions=3, seeds=2, diversity_prompts=2, diversity_seeds=2,
+                                real_pool_faces=100, clip=tiny_clip)
+    colour = q["diversity"]["mean_colour_per_stage"]["64"]
+    assert q["diversity"]["prompts"] > 0 and colour is not None and colour > 0 and colour != q["diversity"]["ratio"]
 
 
 @pytest.mark.parametrize("ca_noise", [1.0, 0.0])

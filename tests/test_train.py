@@ -265,6 +265,37 @@ def test_mode_seeking_twins_reach_G_only(trainer_and_batch, tiny_clip, monkeypat
     assert "loss/g/mode_seeking" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
 
 
+def test_mode_seeking_stages_choose_the_stages_it_averages(trainer_and_batch, tiny_clip, monkeypatch):
+    _, batch = trainer_and_batch
+    seen = []
+    real_loss = losses.mode_seeking_loss
+
+    def recording(images_a, images_b, z_a, z_b):
+        seen.append([a.shape[-1] for a in images_a])
+        return real_loss(images_a, images_b, z_a, z_b)
+
+    monkeypatch.setattr(losses, "mode_seeking_loss", recording)
+    for stages, sizes in ((None, [64, 128]), ([0], [64]), ([-1], [128])):
+        Trainer(tiny_config(mode_seeking_weight=1.0, mode_seeking_stages=stages), clip=tiny_clip).train_step(batch)
+        assert seen.pop() == sizes
+    with pytest.raises(ValueError, match="mode_seeking_stages"):
+        tiny_config(mode_seeking_stages=[5])
+    with pytest.raises(ValueError, match="at least one stage"):
+        tiny_config(mode_seeking_stages=[])
+
+
+def test_color_consistency_term(trainer_and_batch, tiny_clip):
+    _, batch = trainer_and_batch
+    values = Trainer(tiny_config(color_consistency=50.0), clip=tiny_clip).train_step(batch)
+    assert math.isfinite(values["loss/g/color"]) and values["loss/g/color"] > 0
+    assert "loss/g/color" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    # the weighted term is part of G's total
+    plain = Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    assert values["loss/g"] - plain["loss/g"] == pytest.approx(50.0 * values["loss/g/color"], rel=1e-3)
+    with pytest.raises(ValueError, match="color_consistency"):
+        tiny_config(color_consistency=-1.0)
+
+
 def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_clip):
     f = torch.nn.functional.normalize(torch.randn(5, 32), dim=1)
     pseudo = pseudo_text_features(f, 0.5, generator=torch.Generator().manual_seed(0))
@@ -526,7 +557,8 @@ def test_the_reference_preset_keeps_the_bootcamp_recipe():
     assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.ca_noise, ref.model.d_norm,
             ref.model.d_spectral_norm, ref.model.d_clip_head) == ("deconv", None, 1.0, "batch", False, False)
     assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats,
-            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every) == (0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1)
+            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every, ref.color_consistency) == (
+        0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1, 0.0)
     assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
     # the faces preset is the same run with the adopted switches: back at the reference values, it is the reference
     faces = train_preset("faces")

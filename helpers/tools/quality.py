@@ -20,7 +20,7 @@ generator never saw), ``measure_quality`` reports:
   against);
 - **diversity ratio**: pairwise distance between seeds of one prompt over that of
   real faces with the same attributes (1 = as varied as real faces), at the last stage
-  and at each stage (where variety is lost);
+  and at each stage (where variety is lost), and for each image's mean colour alone;
 - **condition probe** (``condition_probe``): how well a linear probe reads each
   attribute from the condition the generator's stages receive, from its mean and as
   sampled (with conditioning augmentation's noise): what G cannot know, it cannot draw;
@@ -184,7 +184,8 @@ def measure_quality(
     same distance between real toy faces that have exactly the caption's
     attributes (looked for among ``real_pool_faces`` freshly drawn ones). About 1
     means as varied as real faces; near 0 means mode collapse. ``per_stage`` gives the
-    same ratio for every stage's images (each brought to 64 px), to show where it is lost.
+    same ratio for every stage's images (each brought to 64 px), to show where it is lost;
+    ``mean_colour_per_stage`` the ratio for each image's mean colour alone.
     """
     from .. import metrics
     from ..attributes import attribute_accuracy, load_attribute_classifier
@@ -243,7 +244,8 @@ def measure_quality(
         if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
             real_pool[key].append(dequantize(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION)), channels_last=True))
     stage_d: list[list[float]] = [[] for _ in model.resolutions]  # every stage's images, judged at 64 px
-    real_d = []
+    colour_d: list[list[float]] = [[] for _ in model.resolutions]  # ... and each image's mean colour only
+    real_d, real_colour_d = [], []
     for i in picks[:diversity_prompts].tolist():
         key = tuple(values[i].tolist())
         if len(real_pool.get(key, [])) < 2:
@@ -252,7 +254,10 @@ def measure_quality(
         stages = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])
         for s, g in enumerate(stages):
             stage_d[s].append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
-        real_d.append(pairwise_distance(torch.stack(real_pool[key])))
+            colour_d[s].append(pairwise_distance(g.mean((2, 3), keepdim=True)))
+        real = torch.stack(real_pool[key])
+        real_d.append(pairwise_distance(real))
+        real_colour_d.append(pairwise_distance(real.mean((2, 3), keepdim=True)))
     gen_d = stage_d[-1]
     diversity: dict[str, Any] = dict(
         generated=float(np.mean(gen_d)) if gen_d else None,
@@ -264,6 +269,10 @@ def measure_quality(
     # where variety is lost: each stage's ratio (the last one is ``ratio``); None without prompts
     diversity["per_stage"] = {str(r): float(np.mean(d)) / diversity["real"] if d else None
                               for r, d in zip(model.resolutions, stage_d)}
+    # the same ratio for each image's mean colour alone (background, skin and hair dominate it): whether
+    # an upper stage keeps the colours the stage below chose
+    diversity["mean_colour_per_stage"] = {str(r): float(np.mean(d) / np.mean(real_colour_d)) if d else None
+                                          for r, d in zip(model.resolutions, colour_d)}
 
     # What the condition carries: every caption of every held-out face.
     counts = torch.as_tensor(test.caption_counts)
