@@ -56,6 +56,12 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
                                 real_pool_faces=100, clip=tiny_clip)
     colour = q["diversity"]["mean_colour_per_stage"]["64"]
     assert q["diversity"]["prompts"] > 0 and colour is not None and colour > 0 and colour != q["diversity"]["ratio"]
+    # the artifact index's real side is every held-out face at the last stage's size, diversity prompts or not
+    from helpers.features import FeaturesDataset, downsample
+
+    test = FeaturesDataset(toy_features, split="test", num_stages=1)
+    real = downsample(torch.stack([test.image(i) for i in range(len(test))]), 64)
+    assert q["artifact_index"]["real"] == pytest.approx(quality.spectral_spikes(real), rel=1e-9)
 
 
 @pytest.mark.parametrize("ca_noise", [1.0, 0.0])

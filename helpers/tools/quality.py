@@ -255,9 +255,9 @@ def measure_quality(
         for s, g in enumerate(stages):
             stage_d[s].append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
             colour_d[s].append(pairwise_distance(g.mean((2, 3), keepdim=True)))
-        real = torch.stack(real_pool[key])
-        real_d.append(pairwise_distance(real))
-        real_colour_d.append(pairwise_distance(real.mean((2, 3), keepdim=True)))
+        alike = torch.stack(real_pool[key])  # not `real`: the artifact index below reads the test faces
+        real_d.append(pairwise_distance(alike))
+        real_colour_d.append(pairwise_distance(alike.mean((2, 3), keepdim=True)))
     gen_d = stage_d[-1]
     diversity: dict[str, Any] = dict(
         generated=float(np.mean(gen_d)) if gen_d else None,
