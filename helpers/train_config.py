@@ -44,7 +44,7 @@ class TrainConfig:
     kl_weight: float = 1.0  # beta: KL of conditioning augmentation (reference: 1)
     mode_seeking_weight: float = 0.0  # MSGAN term against mode collapse (0: off); costs G a quarter more images
     mode_seeking_stages: list[int] | None = None  # stages the mode-seeking term averages over (None: every stage,
-    #   -1: the last); on toy faces the upper stages lost their variety without it (README, "Measuring the recipe")
+    #   -1: the last); on toy faces [0] alone lost the upper stages' variety (README, "Measuring the recipe")
     temperature: float = 0.5  # tau of both InfoNCE losses (reference/LAFITE: 0.5)
     language_free: bool = False  # LAFITE: train on image features + noise instead of caption features
     pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
