@@ -57,7 +57,7 @@ def check_num_stages(num_stages: int) -> None:
         raise ValueError(f"num_stages must be one of {describe_stages()} (the last stage's size), got {num_stages}")
 
 
-UPSAMPLE_MODES = ("deconv", "nearest", "nearest_glu")
+UPSAMPLE_MODES = ("deconv", "nearest", "nearest_glu", "bilinear", "bilinear_glu")
 D_NORMS = ("batch", "none")
 
 
@@ -74,12 +74,16 @@ class ModelConfig:
     num_res_blocks: int = 2  # residual blocks in each stage after the first
     # recipe switches (the reference values first; measured by `python -m helpers quality`)
     upsample: str = "deconv"  # G's x2 upsampling: "deconv" (4x4 stride-2 transposed conv, reference),
-    #   "nearest" (nearest x2 + 3x3 conv) or "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block)
+    #   "nearest" (nearest x2 + 3x3 conv), "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block),
+    #   "bilinear" or "bilinear_glu" (the same with bilinear x2: no period-2 grid; StyleGAN's low-pass up-filter)
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
     ca_noise: float = 1.0  # scale of CA's sampled noise: 1 (StackGAN, reference); 0: the condition is its mean, as
     #   LAFITE and DF-GAN feed the text feature itself (z alone varies the image); the same in training and sampling
     z_every_stage: bool = False  # stages 2 and 3 also receive z beside the condition (DF-GAN and GALIP feed
     #   the noise to every block); False: z enters stage 1 only (reference)
+    image_skip: bool = False  # an upper stage's image is tanh(its head's conv + the stage below's pre-tanh
+    #   image, bilinear x2): it draws on the lower stage's picture instead of repainting it (StyleGAN2's skip
+    #   generator, MSG-GAN); False: every stage paints its own image from its features (reference)
     d_norm: str = "batch"  # discriminator normalisation: "batch" (BatchNorm, reference) or "none"
     d_spectral_norm: bool = False  # spectral normalisation of every discriminator convolution (Miyato et al.)
     d_clip_head: bool = False  # the last stage's D also judges the run's frozen CLIP image features (GALIP)
@@ -136,8 +140,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", ca_init_gain=None, ca_noise=1.0, z_every_stage=False, d_norm="batch", d_spectral_norm=False,
-    d_clip_head=False,
+    upsample="deconv", ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False, d_norm="batch",
+    d_spectral_norm=False, d_clip_head=False,
 )
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -44,7 +44,10 @@ class UpBlock(nn.Sequential):
     - ``deconv``: 4x4 stride-2 transposed conv, BatchNorm, ReLU (the reference; its uneven
       kernel overlap leaves a periodic pattern, Odena et al. 2016);
     - ``nearest``: nearest-neighbour x2, 3x3 conv, BatchNorm, ReLU;
-    - ``nearest_glu``: nearest x2, 3x3 conv to 2 * out_ch, BatchNorm, GLU (StackGAN-v2's up-block).
+    - ``nearest_glu``: nearest x2, 3x3 conv to 2 * out_ch, BatchNorm, GLU (StackGAN-v2's up-block);
+    - ``bilinear``, ``bilinear_glu``: the same with bilinear x2, whose [1, 3, 3, 1] / 4 kernel has a
+      zero at the new Nyquist frequency: nearest x2 mirrors the input's spectrum there (a period-2
+      grid the conv must learn to cancel), bilinear does not (StyleGAN's low-pass up-filter).
     """
 
     def __init__(self, in_ch: int, out_ch: int, mode: str = "deconv") -> None:
@@ -52,10 +55,12 @@ class UpBlock(nn.Sequential):
             layers: list[nn.Module] = [
                 nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1, bias=False),
                 nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
-        elif mode in ("nearest", "nearest_glu"):
-            glu = mode == "nearest_glu"
+        elif mode in ("nearest", "nearest_glu", "bilinear", "bilinear_glu"):
+            interpolation, _, glu = mode.partition("_")
             width = 2 * out_ch if glu else out_ch
-            layers = [nn.Upsample(scale_factor=2, mode="nearest"), conv3x3(in_ch, width), nn.BatchNorm2d(width),
+            corners = {"align_corners": False} if interpolation == "bilinear" else {}
+            up = nn.Upsample(scale_factor=2, mode=interpolation, **corners)
+            layers = [up, conv3x3(in_ch, width), nn.BatchNorm2d(width),
                       nn.GLU(dim=1) if glu else nn.ReLU(inplace=True)]
         else:
             raise ValueError(f"unknown upsampling mode {mode!r}")
@@ -80,7 +85,8 @@ class ResBlock(nn.Module):
 
 
 class ImageHead(nn.Sequential):
-    """[B, C, H, W] features -> [B, 3, H, W] image in [-1, 1] (3x3 conv + tanh)."""
+    """[B, C, H, W] features -> [B, 3, H, W] image in [-1, 1] (3x3 conv + tanh; with ``image_skip``
+    an upper stage adds the stage below's pre-tanh image, upsampled, between the two)."""
 
     def __init__(self, in_ch: int) -> None:
         super().__init__(nn.Conv2d(in_ch, 3, kernel_size=3, padding=1), nn.Tanh())
@@ -221,13 +227,17 @@ class Generator(nn.Module):
         if z.shape != (text_emb.shape[0], self.cfg.z_dim):
             raise ValueError(f"z must be [{text_emb.shape[0]}, {self.cfg.z_dim}], got {list(z.shape)}")
         condition, mu, logvar = self.ca(text_emb, ca_noise, generator=generator)
-        images = []
         features = self.stages[0](condition, z)
-        images.append(self.heads[0](features))
+        drawn = self.heads[0][0](features)  # the image before tanh
+        images = [self.heads[0][1](drawn)]
         upper = torch.cat([condition, z], dim=1) if self.cfg.z_every_stage else condition
-        for stage, head in zip(self.stages[1:], self.heads[1:]):
+        for stage, (conv, tanh) in zip(self.stages[1:], self.heads[1:]):
             features = stage(features, upper)
-            images.append(head(features))
+            below = drawn
+            drawn = conv(features)
+            if self.cfg.image_skip:  # draw on the stage below's picture
+                drawn = drawn + F.interpolate(below, scale_factor=2, mode="bilinear", align_corners=False)
+            images.append(tanh(drawn))
         return GeneratorOutput(images, mu, logvar)
 
     def condition_mean(self, text_emb: Tensor) -> Tensor:

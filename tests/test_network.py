@@ -211,7 +211,7 @@ def test_next_stage_equals_concatenate_then_join():
 # --------------------------------------------------------------------------- recipe switches
 
 
-@pytest.mark.parametrize("mode", ["nearest", "nearest_glu"])
+@pytest.mark.parametrize("mode", ["nearest", "nearest_glu", "bilinear", "bilinear_glu"])
 def test_upsampling_modes_keep_the_shapes_and_fold_exactly(mode):
     from helpers.network import fold_batchnorm
 
@@ -224,6 +224,46 @@ def test_upsampling_modes_keep_the_shapes_and_fold_exactly(mode):
     folded, _, _ = fold_batchnorm(G)(text, z, eps)
     for a, b in zip(images, folded):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bilinear_upsampling_mirrors_little_of_the_spectrum():
+    """x2 upsampling puts mirrored copies of the input's spectrum above the input's Nyquist frequency,
+    the fine periodic pattern a 3x3 conv must then learn to cancel: nearest x2 (the [1, 1] kernel)
+    keeps about 30% of white noise's power there, bilinear x2 ([1, 3, 3, 1] / 4, StyleGAN's
+    low-pass up-filter) under 10%."""
+    from helpers.network import UpBlock
+
+    x = torch.randn(4, 3, 32, 32)
+    freq = torch.fft.fftfreq(64).abs()
+    mirrored = (freq[:, None] > 0.25) | (freq[None, :] > 0.25)  # beyond the 32 px input's Nyquist
+
+    def mirrored_share(mode: str) -> float:
+        up = UpBlock(3, 3, mode)[0]
+        assert isinstance(up, nn.Upsample) and up.mode == mode.split("_")[0]
+        y = up(x)
+        power = torch.fft.fft2(y - y.mean(dim=(2, 3), keepdim=True)).abs().pow(2).mean((0, 1))  # [64, 64]
+        return float(power[mirrored].sum() / power.sum())
+
+    nearest, bilinear = mirrored_share("nearest_glu"), mirrored_share("bilinear_glu")
+    assert nearest > 0.25 and bilinear < 0.1 and bilinear < nearest / 3, (nearest, bilinear)
+
+
+def test_image_skip_draws_each_upper_stage_on_the_stage_below():
+    """With ``image_skip`` an upper stage's image is tanh(up(the stage below's pre-tanh image) + its
+    own head's output): a head that outputs zero repeats the stage below, colours and all."""
+    cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=3, upsample="bilinear_glu",
+                      image_skip=True)
+    G, _ = build_models(cfg, seed=0)
+    for head in G.heads[1:]:
+        nn.init.zeros_(head[0].weight)
+        nn.init.zeros_(head[0].bias)
+    text, z, eps = torch.nn.functional.normalize(torch.randn(3, 16), dim=1), torch.randn(3, 8), torch.randn(3, 8)
+    images = G.eval()(text, z, eps).images
+    assert [i.shape[-1] for i in images] == [64, 128, 256]
+    for lower, upper in zip(images, images[1:]):
+        expected = torch.tanh(F.interpolate(torch.atanh(lower), scale_factor=2, mode="bilinear", align_corners=False))
+        torch.testing.assert_close(upper, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(upper.mean((2, 3)), lower.mean((2, 3)), atol=2e-2, rtol=0)
 
 
 def test_discriminator_switches_and_the_orthogonal_condition_init():
