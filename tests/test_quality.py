@@ -25,6 +25,21 @@ def test_the_artifact_index_sees_a_period_of_n_over_8():
     assert same["ratio"] == pytest.approx(1.0, rel=0.5)
 
 
+def test_the_artifact_index_says_which_period_the_spikes_have():
+    """A 2 px pattern (the last x2 upsampling's trace) raises the 2 px group only; a 4 px one the 4 px
+    group (and may raise the 2 px one: its harmonics include N / 2), never the 8 px one."""
+    real = smooth_images(16)
+    for period in (2, 4):
+        grid = torch.zeros(64, 64)
+        grid[::period, :] = grid[:, ::period] = 0.3
+        by_period = quality.periodic_artifact_index((real + grid).clamp(-1, 1), real)["by_period"]
+        assert set(by_period) == {"2", "4", "8"}
+        longer = [v for k, v in by_period.items() if int(k) > period]
+        assert by_period[str(period)] > 20 and max(longer) < 3, by_period
+    plain = quality.periodic_artifact_index(smooth_images(16, seed=1), real)["by_period"]
+    assert all(v == pytest.approx(1.0, rel=0.5) for v in plain.values()), plain
+
+
 def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path):
     from helpers.checkpoint import save_generator
     from helpers.config import ModelConfig

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -74,6 +75,23 @@ def power_spectrum(images: Tensor) -> Tensor:
     return torch.fft.fft2(grey).abs().pow(2).mean(0)
 
 
+def _spike_ratios(images: Tensor, divisor: int) -> dict[tuple[int, int], float]:
+    """{(a, b): S(a N / divisor, b N / divisor) / median of its 5x5 neighbourhood} for a, b in 0..divisor-1,
+    not both 0; S the mean power spectrum of images [N, 3, H, H] in [-1, 1]."""
+    S = power_spectrum(images)
+    n = S.shape[-1]
+    step = max(n // divisor, 1)
+    offsets = [(a, b) for a in range(-2, 3) for b in range(-2, 3) if (a, b) != (0, 0)]
+    ratios = {}
+    for u in range(0, n, step):
+        for v in range(0, n, step):
+            if (u, v) == (0, 0):
+                continue
+            around = torch.stack([S[(u + a) % n, (v + b) % n] for a, b in offsets])
+            ratios[(u // step, v // step)] = float(S[u, v] / around.median().clamp_min(1e-12))
+    return ratios
+
+
 def spectral_spikes(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> float:
     """How much the power spectrum rises at the frequencies (u, v) in multiples of N / divisor
     (not both 0), over the median of its 5x5 neighbourhood there: the mean of those ratios.
@@ -81,24 +99,28 @@ def spectral_spikes(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> float
     images [N, 3, H, H] in [-1, 1]. Upsampling by stride-2 transposed convolutions leaves a
     periodic pattern whose spectrum has spikes exactly there; natural images have none.
     """
-    S = power_spectrum(images)
-    n = S.shape[-1]
-    step = max(n // divisor, 1)
-    offsets = [(a, b) for a in range(-2, 3) for b in range(-2, 3) if (a, b) != (0, 0)]
-    ratios = []
-    for u in range(0, n, step):
-        for v in range(0, n, step):
-            if (u, v) == (0, 0):
-                continue
-            around = torch.stack([S[(u + a) % n, (v + b) % n] for a, b in offsets])
-            ratios.append(float(S[u, v] / around.median().clamp_min(1e-12)))
-    return float(np.mean(ratios))
+    return float(np.mean(list(_spike_ratios(images, divisor).values())))
 
 
-def periodic_artifact_index(generated: Tensor, real: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> dict[str, float]:
-    """``spectral_spikes`` of generated and of real images (same size) and their ratio (1 = as real)."""
+def spectral_spikes_by_period(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> dict[str, float]:
+    """``spectral_spikes`` split by the shortest period (px) whose patterns hold each frequency:
+    {"2": ..., "4": ..., "8": ...} for divisor 8. Frequency (a, b) x N / divisor belongs to period
+    divisor / gcd(a, b, divisor). A pattern of period p px has spikes in p's group and in the shorter
+    periods' groups, never in the longer ones': at the final size the last x2 upsampling of a
+    stack leaves 2 px patterns, the one before it 4 px patterns, and so on.
+    """
+    groups: dict[str, list[float]] = {}
+    for (a, b), ratio in _spike_ratios(images, divisor).items():
+        groups.setdefault(str(divisor // math.gcd(a, b, divisor)), []).append(ratio)
+    return {k: float(np.mean(v)) for k, v in sorted(groups.items(), key=lambda kv: int(kv[0]))}
+
+
+def periodic_artifact_index(generated: Tensor, real: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> dict[str, Any]:
+    """``spectral_spikes`` of generated and of real images (same size) and their ratio (1 = as real);
+    ``by_period``: the same ratio for each period's spikes (``spectral_spikes_by_period``)."""
     g, r = spectral_spikes(generated, divisor=divisor), spectral_spikes(real, divisor=divisor)
-    return dict(generated=g, real=r, ratio=g / r)
+    g_by, r_by = spectral_spikes_by_period(generated, divisor=divisor), spectral_spikes_by_period(real, divisor=divisor)
+    return dict(generated=g, real=r, ratio=g / r, by_period={k: g_by[k] / r_by[k] for k in g_by})
 
 
 @torch.no_grad()
