@@ -51,6 +51,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
                                 real_pool_faces=20, clip=tiny_clip)
     assert 0 <= q["attribute_accuracy"] <= 1 and set(q["recall"]) == set(q["per_attribute"])
     assert q["resolution"] == 64 and q["artifact_index"]["ratio"] > 0
+    assert set(q["artifact_index"]["by_period"]) == {"2", "4", "8"}
     assert len(q["distances"]) == 2 and all("fid" in d for d in q["distances"].values())  # both extractors named
     assert set(q["diversity"]["per_stage"]) == {"64"}  # one stage; its value is the ratio (see test_demo)
     assert set(q["diversity"]["mean_colour_per_stage"]) == {"64"}
