@@ -76,6 +76,7 @@ class ModelConfig:
     upsample: str = "deconv"  # G's x2 upsampling: "deconv" (4x4 stride-2 transposed conv, reference),
     #   "nearest" (nearest x2 + 3x3 conv), "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block),
     #   "bilinear" or "bilinear_glu" (the same with bilinear x2: no period-2 grid; StyleGAN's low-pass up-filter)
+    upper_upsample: str | None = None  # the up-blocks of stages 2 and 3 (same modes); None: as ``upsample``
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
     ca_noise: float = 1.0  # scale of CA's sampled noise: 1 (StackGAN, reference); 0: the condition is its mean, as
     #   LAFITE and DF-GAN feed the text feature itself (z alone varies the image); the same in training and sampling
@@ -90,7 +91,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_num_stages(self.num_stages)
-        for name, value, allowed in (("upsample", self.upsample, UPSAMPLE_MODES), ("d_norm", self.d_norm, D_NORMS)):
+        for name, value, allowed in (("upsample", self.upsample, UPSAMPLE_MODES), ("d_norm", self.d_norm, D_NORMS),
+                                     ("upper_upsample", self.upper_upsample or self.upsample, UPSAMPLE_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.ca_init_gain is not None and self.ca_init_gain <= 0:
@@ -140,7 +142,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False, d_norm="batch",
+    upsample="deconv", ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False, upper_upsample=None,
+    d_norm="batch",
     d_spectral_norm=False, d_clip_head=False,
 )
 

@@ -211,7 +211,8 @@ class Generator(nn.Module):
         channels = cfg.stage_channels  # e.g. [64, 32, 16] for ng = 1024
         stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng, cfg.upsample)]
         upper_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_every_stage else 0)  # what stages 2 and 3 tile
-        stages += [NextStage(c, upper_dim, cfg.num_res_blocks, cfg.upsample) for c in channels[:-1]]
+        upper_up = cfg.upper_upsample or cfg.upsample
+        stages += [NextStage(c, upper_dim, cfg.num_res_blocks, upper_up) for c in channels[:-1]]
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList([ImageHead(c) for c in channels])
 

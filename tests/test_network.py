@@ -266,6 +266,18 @@ def test_image_skip_draws_each_upper_stage_on_the_stage_below():
         torch.testing.assert_close(upper.mean((2, 3)), lower.mean((2, 3)), atol=2e-2, rtol=0)
 
 
+def test_the_upper_stages_can_upsample_their_own_way():
+    cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=3, upsample="nearest_glu",
+                      upper_upsample="bilinear_glu")
+    G, _ = build_models(cfg, seed=0)
+    modes = [[m.mode for m in stage.modules() if isinstance(m, nn.Upsample)] for stage in G.stages]
+    assert modes == [["nearest"] * 4, ["bilinear"], ["bilinear"]]
+    plain = build_models(ModelConfig(**{**cfg.to_dict(), "upper_upsample": None}), seed=0)[0]
+    assert [m.mode for m in plain.modules() if isinstance(m, nn.Upsample)] == ["nearest"] * 6
+    with pytest.raises(ValueError, match="upper_upsample must be one of"):
+        ModelConfig(upper_upsample="cubic")
+
+
 def test_discriminator_switches_and_the_orthogonal_condition_init():
     cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=2, d_norm="none",
                       d_spectral_norm=True, ca_init_gain=1.0)
