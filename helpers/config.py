@@ -75,7 +75,7 @@ class ModelConfig:
     # recipe switches (the reference values first; measured by `python -m helpers quality`)
     upsample: str = "deconv"  # G's x2 upsampling: "deconv" (4x4 stride-2 transposed conv, reference),
     #   "nearest" (nearest x2 + 3x3 conv), "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block),
-    #   "bilinear" or "bilinear_glu" (the same with bilinear x2: no period-2 grid; StyleGAN's low-pass up-filter)
+    #   "bilinear" or "bilinear_glu" (the same with bilinear x2, StyleGAN's low-pass up-filter: a fainter fine grid)
     upper_upsample: str | None = None  # the up-blocks of stages 2 and 3 (same modes); None: as ``upsample``
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
     ca_noise: float = 1.0  # scale of CA's sampled noise: 1 (StackGAN, reference); 0: the condition is its mean, as
@@ -142,9 +142,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False, upper_upsample=None,
-    d_norm="batch",
-    d_spectral_norm=False, d_clip_head=False,
+    upsample="deconv", upper_upsample=None, ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False,
+    d_norm="batch", d_spectral_norm=False, d_clip_head=False,
 )
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
