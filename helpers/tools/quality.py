@@ -92,6 +92,14 @@ def _spike_ratios(images: Tensor, divisor: int) -> dict[tuple[int, int], float]:
     return ratios
 
 
+def _by_period(ratios: dict[tuple[int, int], float], divisor: int) -> dict[str, float]:
+    """The mean of ``_spike_ratios`` per period: frequency (a, b) belongs to divisor / gcd(a, b, divisor) px."""
+    groups: dict[str, list[float]] = {}
+    for (a, b), ratio in ratios.items():
+        groups.setdefault(str(divisor // math.gcd(a, b, divisor)), []).append(ratio)
+    return {k: float(np.mean(v)) for k, v in sorted(groups.items(), key=lambda kv: int(kv[0]))}
+
+
 def spectral_spikes(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> float:
     """How much the power spectrum rises at the frequencies (u, v) in multiples of N / divisor
     (not both 0), over the median of its 5x5 neighbourhood there: the mean of those ratios.
@@ -109,17 +117,15 @@ def spectral_spikes_by_period(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR
     periods' groups, never in the longer ones': at the final size the last x2 upsampling of a
     stack leaves 2 px patterns, the one before it 4 px patterns, and so on.
     """
-    groups: dict[str, list[float]] = {}
-    for (a, b), ratio in _spike_ratios(images, divisor).items():
-        groups.setdefault(str(divisor // math.gcd(a, b, divisor)), []).append(ratio)
-    return {k: float(np.mean(v)) for k, v in sorted(groups.items(), key=lambda kv: int(kv[0]))}
+    return _by_period(_spike_ratios(images, divisor), divisor)
 
 
 def periodic_artifact_index(generated: Tensor, real: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> dict[str, Any]:
     """``spectral_spikes`` of generated and of real images (same size) and their ratio (1 = as real);
     ``by_period``: the same ratio for each period's spikes (``spectral_spikes_by_period``)."""
-    g, r = spectral_spikes(generated, divisor=divisor), spectral_spikes(real, divisor=divisor)
-    g_by, r_by = spectral_spikes_by_period(generated, divisor=divisor), spectral_spikes_by_period(real, divisor=divisor)
+    g_ratios, r_ratios = _spike_ratios(generated, divisor), _spike_ratios(real, divisor)  # each spectrum once
+    g, r = float(np.mean(list(g_ratios.values()))), float(np.mean(list(r_ratios.values())))
+    g_by, r_by = _by_period(g_ratios, divisor), _by_period(r_ratios, divisor)
     return dict(generated=g, real=r, ratio=g / r, by_period={k: g_by[k] / r_by[k] for k in g_by})
 
 
