@@ -523,6 +523,36 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return folded
 
 
+@torch.no_grad()
+def standing_statistics(
+    generator: Generator, text: Tensor, *, batch_size: int, seed: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, Tensor]:
+    """``generator``'s state dict with every BatchNorm's statistics recomputed for its own weights.
+
+    BigGAN's standing statistics: text [N, text_dim] (L2-normalised features) runs through a
+    copy of ``generator`` in train mode, in batches of ``batch_size``, with z drawn from a
+    ``torch.Generator`` seeded with ``seed``; the running mean and variance become the
+    average over those batches. The same text and seed give the same statistics; the
+    weights and ``generator`` itself are not changed. For an EMA generator, whose weights
+    are an average but whose statistics were copied from the trained one.
+    """
+    device = next(generator.parameters()).device
+    standing = copy.deepcopy(generator).train()
+    for norm in standing.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the batches below
+    rng = torch.Generator(device).manual_seed(seed)
+    for chunk in text.to(device, torch.float32).split(batch_size):
+        if chunk.shape[0] < 2:  # BatchNorm1d cannot take a batch of one
+            continue
+        z = torch.randn(chunk.shape[0], generator.cfg.z_dim, generator=rng, device=device)
+        with autocast():
+            standing(chunk, z, generator=rng)
+    return {k: v.detach().clone() for k, v in standing.state_dict().items()}
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

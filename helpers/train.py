@@ -292,7 +292,7 @@ def _loop(
     # fixed noise, both parts drawn as sampling draws them: z and the conditioning-augmentation noise
     preview_z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     preview_ca = torch.randn(len(captions), cfg.model.cond_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
-    standing_text = _standing_text(dataset, cfg) if cfg.ema_standing_stats else None
+    standing = standing_text(dataset, cfg) if cfg.ema_standing_stats else None
     meta = dict(clip_spec=dataset.clip_spec, clip_identity=getattr(clip, "identity", None))
     previews: list[Path] = []
     # nothing to save before the first step of this call: an error then leaves no step-0 checkpoint behind
@@ -303,8 +303,8 @@ def _loop(
 
     def save(*, snapshot: bool) -> None:
         weights = trainer.state_dict()
-        if standing_text is not None and run.writer:  # G_ema's BatchNorm statistics for its own weights
-            weights["G_ema"] = trainer.standing_ema_state(standing_text)
+        if standing is not None and run.writer:  # G_ema's BatchNorm statistics for its own weights
+            weights["G_ema"] = trainer.standing_ema_state(standing)
         run.save_checkpoint(cfg, weights, snapshot=snapshot, epoch=epoch(), **meta)
         state["saved_step"] = trainer.step
 
@@ -371,9 +371,10 @@ def _loop(
                        metrics=history[-1] if history else {}, history=history, previews=previews)
 
 
-def _standing_text(dataset: Any, cfg: TrainConfig) -> Tensor:
-    """``ema_standing_stats`` batches of caption features (the first caption of seeded random
-    training images; the image feature where there is none), the same at every save."""
+def standing_text(dataset: Any, cfg: TrainConfig) -> Tensor:
+    """[ema_standing_stats * batch_size, text_dim]: the text features that recompute G_ema's
+    BatchNorm statistics (the first caption of seeded random training images; the image feature
+    where there is none), the same at every save."""
     n = min(len(dataset), cfg.ema_standing_stats * cfg.batch_size)
     rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + 3))[:n]
     has_caption = dataset.caption_counts[rows] > 0

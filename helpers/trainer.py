@@ -39,7 +39,7 @@ from . import losses
 from .augment import diff_augment, random_resized_crop
 from .devices import amp_dtype, precision_line
 from .errors import UserError
-from .network import DiscOutput, Generator, build_models
+from .network import DiscOutput, Generator, build_models, standing_statistics
 from .train_config import TrainConfig
 
 D_LOSS, G_LOSS = "loss/d", "loss/g"  # the weighted totals of the two halves of a step
@@ -351,29 +351,13 @@ class Trainer:
         images, _, _ = self.G_ema.eval()(text, z, ca_noise.to(self.device, torch.float32))
         return [img.float().cpu() for img in images]
 
-    @torch.no_grad()
     def standing_ema_state(self, text: Tensor) -> dict[str, Tensor]:
-        """G_ema's state dict with BatchNorm statistics recomputed for its own (averaged) weights.
-
-        text [N, D]: text features, run through a copy of G_ema in train mode in batches of
-        ``batch_size`` with noise from a generator seeded by the run's seed, so the same
-        text gives the same statistics. The trainer's own G_ema is not changed (its
-        statistics keep following G's, so training is the same with or without this).
-        """
-        ema = copy.deepcopy(self.G_ema)
-        norms = [m for m in ema.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches below
-        ema.train()
-        rng = torch.Generator(self.device).manual_seed(self.cfg.seed + 3)
-        for chunk in text.to(self.device, torch.float32).split(self.cfg.batch_size):
-            if chunk.shape[0] < 2:  # BatchNorm1d cannot take a batch of one
-                continue
-            z = torch.randn(chunk.shape[0], self.cfg.model.z_dim, generator=rng, device=self.device)
-            with self.autocast():
-                ema(chunk, z, generator=rng)
-        return {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        """G_ema's state dict with BatchNorm statistics recomputed for its own (averaged) weights
+        (``network.standing_statistics``: text [N, D] in batches of ``batch_size``, noise seeded by
+        the run's seed). The trainer's own G_ema is not changed (its statistics keep following
+        G's, so training is the same with or without this)."""
+        return standing_statistics(self.G_ema, text, batch_size=self.cfg.batch_size, seed=self.cfg.seed + 3,
+                                   autocast=self.autocast)
 
     def state_dict(self) -> dict[str, Any]:
         """Models, optimisers, scaler and RNG states (the checkpoint keys this object owns)."""

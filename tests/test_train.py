@@ -550,6 +550,26 @@ def test_standing_statistics_change_the_saved_ema_only(synthetic_features, tmp_p
             torch.testing.assert_close(a["G_ema"][key], b["G_ema"][key])
 
 
+def test_standing_statistics_are_recomputed_alike_from_the_saved_weights(synthetic_features, tmp_path, tiny_clip):
+    """``build_demo.standing_export`` recomputes, from an export, what ``ema_standing_stats`` saved."""
+    from helpers.checkpoint import save_generator
+    from helpers.tools.build_demo import standing_export
+
+    cfg = tiny_config(steps=2, ema_standing_stats=2)
+    run = train(synthetic_features, tmp_path / "run", cfg, clip=tiny_clip, progress=False)
+    ckpt = load_checkpoint(run.checkpoint)
+    copied = Generator(cfg.model)  # G_ema's weights with G's statistics: G_ema as training left it
+    copied.load_state_dict({k: ckpt["G"][k] if "running" in k or "num_batches" in k else v
+                            for k, v in ckpt["G_ema"].items()})
+    plain = save_generator(tmp_path / "plain.pt", copied, clip_spec=ckpt["clip_spec"], step=2)
+    out = standing_export(plain, synthetic_features, tmp_path / "standing.pt", cfg)
+    again = load_checkpoint(out)["G_ema"]
+    means = [k for k in again if k.endswith(("running_mean", "running_var"))]
+    assert means and any(not torch.equal(again[k], ckpt["G"][k]) for k in means)
+    for key, value in ckpt["G_ema"].items():
+        torch.testing.assert_close(again[key], value)
+
+
 def test_the_reference_preset_keeps_the_bootcamp_recipe():
     from helpers.train_config import reference_recipe
 
