@@ -48,3 +48,10 @@ def test_the_maintainer_commands_keep_their_names(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
     assert f"python -m helpers {command}" in result.stdout
+
+
+def test_build_demo_refuses_standing_stats_without_measure_only():
+    result = run_cli("build-demo", "--standing-stats", "50")
+    assert result.returncode != 0
+    assert "--standing-stats" in result.stderr and "--measure-only" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
