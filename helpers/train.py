@@ -301,16 +301,28 @@ def _loop(
     def epoch() -> int:
         return max(trainer.step - 1, 0) // steps_per_epoch
 
+    standing_state: dict[str, Any] = {}
+
+    def saved_ema() -> dict[str, Tensor] | None:
+        """G_ema as a save writes it and a preview draws it: with BatchNorm statistics for its own
+        weights (computed once per step), or None where the run keeps G's (rank 0 only)."""
+        if standing is None:
+            return None
+        if standing_state.get("step") != trainer.step:
+            standing_state.update(step=trainer.step, G_ema=trainer.standing_ema_state(standing))
+        return standing_state["G_ema"]
+
     def save(*, snapshot: bool) -> None:
         weights = trainer.state_dict()
-        if standing is not None and run.writer:  # G_ema's BatchNorm statistics for its own weights
-            weights["G_ema"] = trainer.standing_ema_state(standing)
+        if run.writer and standing is not None:
+            weights["G_ema"] = saved_ema()
         run.save_checkpoint(cfg, weights, snapshot=snapshot, epoch=epoch(), **meta)
         state["saved_step"] = trainer.step
 
     def preview() -> None:
-        if run.writer:
-            picture = preview_picture(trainer.preview(preview_text, preview_z, preview_ca), captions)
+        if run.writer:  # the G_ema that sampling will load from this step's checkpoint
+            picture = preview_picture(trainer.preview(preview_text, preview_z, preview_ca, ema_state=saved_ema()),
+                                      captions)
             previews.append(run.save_preview(trainer.step, picture))
             if on_sample is not None:
                 on_sample(trainer.step, picture, previews[-1])

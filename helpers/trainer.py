@@ -342,13 +342,19 @@ class Trainer:
     # ----------------------------------------------------------------- previews and state
 
     @torch.no_grad()
-    def preview(self, text: Tensor, z: Tensor, ca_noise: Tensor | None = None) -> list[Tensor]:
+    def preview(self, text: Tensor, z: Tensor, ca_noise: Tensor | None = None, *,
+                ema_state: dict[str, Tensor] | None = None) -> list[Tensor]:
         """G_ema in eval mode: text [N, D], z [N, z_dim], ca_noise [N, cond_dim] (None: the mean
-        condition) -> images per stage in [-1, 1] (fp32, CPU)."""
+        condition) -> images per stage in [-1, 1] (fp32, CPU). ``ema_state``: a state dict of
+        G_ema to draw with instead (``standing_ema_state``, as a save writes it)."""
         text, z = text.to(self.device, torch.float32), z.to(self.device, torch.float32)
         if ca_noise is None:
             ca_noise = torch.zeros(text.shape[0], self.cfg.model.cond_dim)
-        images, _, _ = self.G_ema.eval()(text, z, ca_noise.to(self.device, torch.float32))
+        generator = self.G_ema
+        if ema_state is not None:
+            generator = copy.deepcopy(self.G_ema)
+            generator.load_state_dict(ema_state)
+        images, _, _ = generator.eval()(text, z, ca_noise.to(self.device, torch.float32))
         return [img.float().cpu() for img in images]
 
     def standing_ema_state(self, text: Tensor) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ from helpers.train import (
     Trainer,
     TrainingDiverged,
     apply_overrides,
+    load_preview_captions,
     plot_loss_curves,
     pseudo_text_features,
     read_metrics,
@@ -568,6 +569,28 @@ def test_standing_statistics_are_recomputed_alike_from_the_saved_weights(synthet
     assert means and any(not torch.equal(again[k], ckpt["G"][k]) for k in means)
     for key, value in ckpt["G_ema"].items():
         torch.testing.assert_close(again[key], value)
+
+
+def test_previews_draw_the_saved_ema_generator(synthetic_features, tmp_path, tiny_clip):
+    """With standing statistics, a preview shows what sampling the step's checkpoint gives."""
+    import numpy as np
+
+    from helpers.pictures import preview_picture
+
+    cfg = tiny_config(steps=2, ema_standing_stats=2)
+    shown = {}
+    run = train(synthetic_features, tmp_path / "run", cfg, clip=tiny_clip, progress=False,
+                on_sample=lambda step, picture, path: shown.update({step: np.asarray(picture)}))
+    ckpt = load_checkpoint(run.checkpoint)
+    generator = Generator(cfg.model)
+    generator.load_state_dict(ckpt["G_ema"])
+    captions = load_preview_captions(cfg.preview_captions)
+    z = torch.randn(len(captions), cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    ca = torch.randn(len(captions), cfg.model.cond_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    with torch.no_grad():
+        images, _, _ = generator.eval()(tiny_clip.encode_text(captions).float(), z, ca)
+    expected = np.asarray(preview_picture([x.float() for x in images], captions))
+    assert np.abs(shown[2].astype(int) - expected.astype(int)).max() <= 1
 
 
 def test_the_reference_preset_keeps_the_bootcamp_recipe():
