@@ -304,8 +304,8 @@ def _loop(
     standing_state: dict[str, Any] = {}
 
     def saved_ema() -> dict[str, Tensor] | None:
-        """G_ema as a save writes it and a preview draws it: with BatchNorm statistics for its own
-        weights (computed once per step), or None where the run keeps G's (rank 0 only)."""
+        """G_ema's state as a save writes it and a preview draws it: BatchNorm statistics for its own
+        weights (computed once per step), or None where the run keeps G's."""
         if standing is None:
             return None
         if standing_state.get("step") != trainer.step:
@@ -314,8 +314,9 @@ def _loop(
 
     def save(*, snapshot: bool) -> None:
         weights = trainer.state_dict()
-        if run.writer and standing is not None:
-            weights["G_ema"] = saved_ema()
+        ema_state = saved_ema() if run.writer else None  # only rank 0 writes
+        if ema_state is not None:
+            weights["G_ema"] = ema_state
         run.save_checkpoint(cfg, weights, snapshot=snapshot, epoch=epoch(), **meta)
         state["saved_step"] = trainer.step
 
