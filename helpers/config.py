@@ -77,6 +77,8 @@ class ModelConfig:
     #   "nearest" (nearest x2 + 3x3 conv), "nearest_glu" (nearest x2 + 3x3 conv + GLU, StackGAN-v2's up-block),
     #   "bilinear" or "bilinear_glu" (the same with bilinear x2, StyleGAN's low-pass up-filter: a fainter fine grid)
     upper_upsample: str | None = None  # the up-blocks of stages 2 and 3 (same modes); None: as ``upsample``
+    up_blur: bool = False  # every up-block's output is low-passed by the [1, 2, 1] binomial filter (network.Blur),
+    #   which leaves no 2 px pattern for later stages to carry up (BlurPool; StyleGAN's FIR filter); False: reference
     ca_init_gain: float | None = None  # None: CA's linear layer N(0, 0.02) (reference); a gain: orthogonal init
     ca_noise: float = 1.0  # scale of CA's sampled noise: 1 (StackGAN, reference); 0: the condition is its mean, as
     #   LAFITE and DF-GAN feed the text feature itself (z alone varies the image); the same in training and sampling
@@ -142,7 +144,7 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", upper_upsample=None, ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False,
+    upsample="deconv", upper_upsample=None, up_blur=False, ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False,
     d_norm="batch", d_spectral_norm=False, d_clip_head=False,
 )
 

@@ -38,6 +38,22 @@ def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1, bias=False)
 
 
+class Blur(nn.Module):
+    """The [1, 2, 1] / 4 binomial low-pass in both directions, per channel (edges replicated):
+    [B, C, H, W] -> [B, C, H, W]. Its response is exactly 0 at the Nyquist frequency, so a map
+    leaves it without any 2 px periodic pattern; it halves the amplitude at a 4 px period and keeps
+    85% at 8 px (BlurPool, Zhang 2019; the FIR filter StyleGAN applies after each upsampling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / 16)[None, None], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernel.to(x.dtype).expand(x.shape[1], 1, 3, 3)
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
+
+
 class UpBlock(nn.Sequential):
     """[B, in_ch, H, W] -> [B, out_ch, 2H, 2W], by ``mode``:
 
@@ -49,9 +65,14 @@ class UpBlock(nn.Sequential):
       StyleGAN's low-pass up-filter). x2 upsampling mirrors the input's spectrum above the input's
       Nyquist frequency, the fine grid the following conv must learn to cancel: nearest x2 keeps
       about 30% of white noise's power there, bilinear x2 about 7%.
+
+    ``blur``: the block's output passes ``Blur``. Upsampling makes even and odd output pixels
+    different functions of the input; after the nonlinearity that difference is a 2 px pattern in
+    the features, which later stages carry up as 4 and 8 px patterns. The filter removes it where it
+    is made, after the nonlinearity, so no up-block hands a 2 px grid to the next layer.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, mode: str = "deconv") -> None:
+    def __init__(self, in_ch: int, out_ch: int, mode: str = "deconv", *, blur: bool = False) -> None:
         if mode == "deconv":
             layers: list[nn.Module] = [
                 nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1, bias=False),
@@ -65,7 +86,7 @@ class UpBlock(nn.Sequential):
                       nn.GLU(dim=1) if glu else nn.ReLU(inplace=True)]
         else:
             raise ValueError(f"unknown upsampling mode {mode!r}")
-        super().__init__(*layers)
+        super().__init__(*layers, *([Blur()] if blur else []))
 
 
 class ResBlock(nn.Module):
@@ -141,7 +162,7 @@ class ConditioningAugmentation(nn.Module):
 class InitStage(nn.Module):
     """Stage 1: [condition, z] -> linear -> [B, ng, 4, 4] -> 4 x UpBlock -> [B, ng/16, 64, 64]."""
 
-    def __init__(self, in_dim: int, ng: int, upsample: str = "deconv") -> None:
+    def __init__(self, in_dim: int, ng: int, upsample: str = "deconv", *, blur: bool = False) -> None:
         super().__init__()
         self.ng = ng
         self.fc = nn.Sequential(
@@ -149,7 +170,7 @@ class InitStage(nn.Module):
             nn.BatchNorm1d(ng * 4 * 4),
             nn.ReLU(inplace=True),
         )
-        self.up = nn.Sequential(*[UpBlock(ng // 2**i, ng // 2 ** (i + 1), upsample) for i in range(4)])
+        self.up = nn.Sequential(*[UpBlock(ng // 2**i, ng // 2 ** (i + 1), upsample, blur=blur) for i in range(4)])
 
     def forward(self, condition: Tensor, z: Tensor) -> Tensor:
         x = self.fc(torch.cat([condition, z], dim=1)).view(-1, self.ng, 4, 4)
@@ -163,13 +184,15 @@ class NextStage(nn.Module):
     refined by residual blocks, then upsampled x2.
     """
 
-    def __init__(self, channels: int, cond_dim: int, num_res_blocks: int, upsample: str = "deconv") -> None:
+    def __init__(
+        self, channels: int, cond_dim: int, num_res_blocks: int, upsample: str = "deconv", *, blur: bool = False
+    ) -> None:
         super().__init__()
         self.join = nn.Sequential(
             conv3x3(channels + cond_dim, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
         )
         self.res = nn.Sequential(*[ResBlock(channels) for _ in range(num_res_blocks)])
-        self.up = UpBlock(channels, channels // 2, upsample)
+        self.up = UpBlock(channels, channels // 2, upsample, blur=blur)
 
     def forward(self, features: Tensor, condition: Tensor) -> Tensor:
         # join(cat[tile(c), x]) computed as conv(x) + conv(tile(c)): the second term is
@@ -210,10 +233,10 @@ class Generator(nn.Module):
         self.cfg = cfg
         self.ca = ConditioningAugmentation(cfg.text_dim, cfg.cond_dim, cfg.ca_noise)
         channels = cfg.stage_channels  # e.g. [64, 32, 16] for ng = 1024
-        stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng, cfg.upsample)]
+        stages: list[nn.Module] = [InitStage(cfg.cond_dim + cfg.z_dim, cfg.ng, cfg.upsample, blur=cfg.up_blur)]
         upper_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_every_stage else 0)  # what stages 2 and 3 tile
         upper_up = cfg.upper_upsample or cfg.upsample
-        stages += [NextStage(c, upper_dim, cfg.num_res_blocks, upper_up) for c in channels[:-1]]
+        stages += [NextStage(c, upper_dim, cfg.num_res_blocks, upper_up, blur=cfg.up_blur) for c in channels[:-1]]
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList([ImageHead(c) for c in channels])
 

@@ -291,3 +291,57 @@ def test_discriminator_switches_and_the_orthogonal_condition_init():
     assert out.uncond.shape == out.cond.shape == out.mismatched.shape == (2,) and out.align.shape == (2, 16)
     with pytest.raises(ValueError, match="upsample must be one of"):
         ModelConfig(upsample="pixelshuffle")
+
+
+def test_blur_keeps_a_constant_and_removes_a_2px_pattern():
+    from helpers.network import Blur
+
+    blur = Blur()
+    const = torch.full((2, 3, 8, 8), 0.7)
+    torch.testing.assert_close(blur(const), const)  # edges replicated: no dark border
+    i = torch.arange(16)
+    checker = ((-1.0) ** (i[:, None] + i[None, :])).expand(1, 2, 16, 16)
+    stripes = ((-1.0) ** i).expand(1, 2, 16, 16)
+    for pattern in (checker, stripes, stripes.transpose(-1, -2)):
+        assert blur(pattern)[..., 1:-1, 1:-1].abs().max() < 1e-6
+    slow = torch.cos(torch.pi * i / 4).expand(1, 1, 16, 16)  # an 8 px period: mostly kept
+    assert 0.8 < float(blur(slow)[..., 4:-4, 4:-4].abs().max()) < 0.9
+
+
+@pytest.mark.parametrize("mode", ["deconv", "nearest_glu"])
+def test_up_blur_leaves_no_2px_pattern_in_an_up_block(mode):
+    """Upsampling makes even and odd output pixels different functions of the input, so after the
+    nonlinearity the block's output carries a 2 px pattern on average; ``blur`` removes it."""
+    from helpers.network import UpBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 16, 16)
+
+    def nyquist_share(block: nn.Module) -> float:
+        y = block.eval()(x)[..., 2:-2, 2:-2].mean(0)  # the pattern every sample shares, away from the edges
+        power = torch.fft.fft2(y - y.mean(dim=(1, 2), keepdim=True)).abs().pow(2).mean(0)  # [28, 28]
+        n = power.shape[-1] // 2
+        return float((power[n, 0] + power[0, n] + power[n, n]) / power.sum())
+
+    torch.manual_seed(1)
+    plain = UpBlock(8, 8, mode)
+    torch.manual_seed(1)
+    blurred = UpBlock(8, 8, mode, blur=True)
+    assert nyquist_share(plain) > 0.05 and nyquist_share(blurred) < 1e-3, (nyquist_share(plain), nyquist_share(blurred))
+
+
+def test_up_blur_filters_every_up_block_and_folds_exactly():
+    from helpers.network import Blur, UpBlock, fold_batchnorm
+
+    cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=3, upsample="nearest_glu",
+                      upper_upsample="bilinear_glu", up_blur=True)
+    G, _ = build_models(cfg, seed=0)
+    blocks = [m for m in G.modules() if isinstance(m, UpBlock)]
+    assert len(blocks) == 6 and all(isinstance(b[-1], Blur) for b in blocks)
+    assert not any(k.endswith("kernel") for k in G.state_dict())  # a fixed filter, not saved with the weights
+    text, z, eps = torch.nn.functional.normalize(torch.randn(3, 16), dim=1), torch.randn(3, 8), torch.randn(3, 8)
+    images = G.eval()(text, z, eps).images
+    assert [i.shape[-1] for i in images] == [64, 128, 256]
+    for a, b in zip(images, fold_batchnorm(G)(text, z, eps).images):  # float rounding only, over three stages
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "up_blur"}).up_blur is False
