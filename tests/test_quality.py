@@ -40,6 +40,28 @@ def test_the_artifact_index_says_which_period_the_spikes_have():
     assert all(v == pytest.approx(1.0, rel=0.5) for v in plain.values()), plain
 
 
+def test_the_grid_power_is_not_inflated_by_a_spectrum_that_falls_off_early():
+    """``ratio`` divides each spike by its neighbourhood, so images much smoother than real faces
+    near N / 2 (a generator's usual deficit) score high with a grid far fainter than real faces'
+    own; ``power_ratio`` compares the spikes' power above their neighbourhood, as a share of all
+    the images' power, and keeps such a grid below real faces'."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.arange(128.0)
+    k = torch.randint(1, 7, (16, 3, 8, 2), generator=g).float()  # a few whole low frequencies: nothing near N / 2
+    phase = 2 * torch.pi * (k[..., 0, None, None] * pos[:, None] + k[..., 1, None, None] * pos[None, :]) / 128
+    smooth = (0.3 * torch.cos(phase + 6.3 * torch.rand(16, 3, 8, 1, 1, generator=g))).sum(2)  # [16, 3, 128, 128]
+    pattern = ((-1.0) ** pos)[None, :].expand(128, 128)  # a 2 px grid (the last up-block's period)
+    real_grid = smooth + 0.1 * torch.randn(16, 3, 128, 128, generator=g) + 1e-3 * pattern  # detail up to N / 2
+    faint = smooth + 5e-4 * pattern  # no fine detail, and half real faces' grid
+    index = quality.periodic_artifact_index(faint, real_grid)
+    assert index["by_period"]["2"] > 5, index  # the neighbourhood ratio calls it a strong artifact
+    assert index["power_by_period"]["2"] < 0.5 and index["power_ratio"] < 1, index
+    strong = quality.periodic_artifact_index(smooth + 5e-3 * pattern, real_grid)
+    assert strong["power_by_period"]["2"] > 5, strong  # a grid stronger than real faces' counts
+    same = quality.periodic_artifact_index(real_grid, real_grid)
+    assert same["power_ratio"] == pytest.approx(1.0) and same["power_by_period"]["2"] == pytest.approx(1.0)
+
+
 def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path):
     from helpers.checkpoint import save_generator
     from helpers.config import ModelConfig
