@@ -143,4 +143,21 @@ def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_featu
     quality.run_variant("small", tiny, toy_features, tmp_path, points=(2, 3), stages=1, clip=tiny_clip)
     assert measured == [2, 3]  # nothing measured twice
     table = quality.write_table(tmp_path).read_text()
-    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | 1 | 0.50 | - |" in table
+    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | - | 1 | 0.50 | - |" in table
+
+
+def test_the_table_shows_the_grid_power_beside_the_artifact_index():
+    def point(step, index):
+        return dict(step=step, attribute_accuracy=0.9, min_recall=0.5, artifact_index=index,
+                    distances={"random-conv (seeded)": dict(fid=0.1)}, diversity=dict(ratio=0.8))
+
+    reports = [dict(name="new", overrides=["model.up_blur=true"], timed_seconds_per_step=1.0,
+                    points=[point(500, dict(ratio=4.26, power_ratio=1.02))]),
+               dict(name="old", overrides=[], points=[point(500, dict(ratio=2.19))])]  # written before power_ratio
+    head, rule, new, old = quality.format_table(reports).splitlines()
+    cells = [c.strip() for c in head.strip("|").split("|")]
+    at = cells.index("grid power / real")
+    assert cells[at - 1] == "artifacts / real" and len(rule.strip("|").split("|")) == len(cells)
+    assert [c.strip() for c in new.strip("|").split("|")][at - 1:at + 1] == ["4.26", "1.02"]
+    assert [c.strip() for c in old.strip("|").split("|")][at] == "-"
+    assert "grid power 1.02x" in quality.summary_line(reports[0]["points"][0])

@@ -461,14 +461,20 @@ def summary_line(point: dict[str, Any]) -> str:
     """One line of a measurement: accuracy, minimum recall, artifact ratio, FIDs, diversity, s/step."""
     fids = ", ".join(f"FID {k.split(' ')[0]} {v['fid']:.3g}" for k, v in point["distances"].items())
     return (f"accuracy {point['attribute_accuracy']:.3f}, min recall {point['min_recall']:.2f}, "
-            f"artifacts {point['artifact_index']['ratio']:.2f}x real, {fids}, "
+            f"artifacts {point['artifact_index']['ratio']:.2f}x real (grid power {_grid_power(point)}x), {fids}, "
             f"diversity {point['diversity'].get('ratio', float('nan')):.2f}")
+
+
+def _grid_power(point: dict[str, Any]) -> str:
+    """The artifact index's ``power_ratio`` as printed ("-" in a report written before it existed)."""
+    power = point["artifact_index"].get("power_ratio")
+    return "-" if power is None else f"{power:.2f}"
 
 
 def format_table(reports: list[dict[str, Any]]) -> str:
     """The side-by-side markdown table of every variant at every measured point."""
     extractors = sorted({k for r in reports for p in r["points"] for k in p["distances"]})
-    head = ["variant", "settings", "steps", "accuracy", "min recall", "artifacts / real"]
+    head = ["variant", "settings", "steps", "accuracy", "min recall", "artifacts / real", "grid power / real"]
     head += [f"FID ({e.split(' (')[0]})" for e in extractors] + ["diversity", "s / step (timed alone)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in reports:
@@ -476,7 +482,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         for p in r["points"]:
             fids = [f"{p['distances'][e]['fid']:.3g}" if e in p["distances"] else "-" for e in extractors]
             cells = [r["name"], settings or "(the reference recipe)", str(p["step"]), f"{p['attribute_accuracy']:.3f}",
-                     f"{p['min_recall']:.2f}", f"{p['artifact_index']['ratio']:.2f}", *fids,
+                     f"{p['min_recall']:.2f}", f"{p['artifact_index']['ratio']:.2f}", _grid_power(p), *fids,
                      f"{p['diversity'].get('ratio', float('nan')):.2f}",
                      f"{r['timed_seconds_per_step']:.3f}" if r.get("timed_seconds_per_step") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
