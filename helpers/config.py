@@ -144,8 +144,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
-    upsample="deconv", upper_upsample=None, up_blur=False, ca_init_gain=None, ca_noise=1.0, z_every_stage=False, image_skip=False,
-    d_norm="batch", d_spectral_norm=False, d_clip_head=False,
+    upsample="deconv", upper_upsample=None, up_blur=False, ca_init_gain=None, ca_noise=1.0, z_every_stage=False,
+    image_skip=False, d_norm="batch", d_spectral_norm=False, d_clip_head=False,
 )
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -105,8 +105,8 @@ def _spike_ratios(images: Tensor, divisor: int) -> dict[tuple[int, int], float]:
 
 
 def _by_period(ratios: dict[tuple[int, int], float], divisor: int, reduce: Callable = np.mean) -> dict[str, float]:
-    """``reduce`` (the mean) of ``_spike_ratios`` per period: frequency (a, b) belongs to divisor / gcd(a, b,
-    divisor) px."""
+    """``reduce`` (the mean; ``sum`` for the spikes' power) of per-frequency values of ``_spikes`` per period:
+    frequency (a, b) belongs to divisor / gcd(a, b, divisor) px."""
     groups: dict[str, list[float]] = {}
     for (a, b), ratio in ratios.items():
         groups.setdefault(str(divisor // math.gcd(a, b, divisor)), []).append(ratio)
