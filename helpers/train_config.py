@@ -152,8 +152,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         batch_size=16, steps=2000, diffaugment="color,translation,cutout",
         log_every=10, preview_every=100, checkpoint_every=100, snapshot_every=500,
-        r1_weight=0.05, reg_every=4, clip_augment=True, balance_attributes=0.5,
-    ),  # ema_standing_stats stays 0 until the demo is rebuilt with it (README, "Standing statistics")
+        r1_weight=0.05, reg_every=4, clip_augment=True, balance_attributes=0.5, ema_standing_stats=50,
+    ),
 }
 
 

@@ -41,24 +41,28 @@ def test_assets_are_small_and_complete():
     report = json.loads((ASSETS / "demo_report.json").read_text())
     quality = report["quality"]
     # The recorded measurement (README, "The embedded demo"): the 256 px images follow the
-    # text (accuracy 0.994, every attribute's recall at least 0.88: the targets are 0.97 and
+    # text (accuracy 0.996, every attribute's recall at least 0.97: the targets are 0.97 and
     # 0.85), the condition carries every attribute (the noise-free condition: probe 1.00),
-    # the images vary across seeds (0.56), carry no transposed-convolution grid (2.2x real
-    # faces' spikes; the reference recipe's demo 16.9x), and the listed prompts are drawn
-    # (each shows at least 0.79 of what it asks).
+    # the images vary across seeds (0.77, every stage at least 0.75), the grid's power is about
+    # real faces' (1.02x; target 1.5x; the reference recipe's transposed convolutions gave an
+    # artifact index of 16.9x), and the listed prompts are drawn (each shows at least 0.95 of
+    # what it asks, 98% of the images all of it).
     assert quality["attribute_accuracy"] == quality["per_stage"]["256"]["mean"] >= 0.97
     assert quality["min_recall"] >= 0.85
     assert quality["attribute_accuracy"] > quality["majority_baseline"] + 0.1
     assert quality["condition_probe"]["min_sampled"] >= 0.99
-    assert quality["diversity"]["ratio"] > 0.5
-    # per stage (0.71 / 0.59 / 0.56): the last is the ratio, and the upper stages lose variety
+    assert quality["diversity"]["ratio"] > 0.7
+    # per stage (0.86 / 0.85 / 0.77): the last is the ratio
     stages = quality["diversity"]["per_stage"]
-    assert stages["256"] == quality["diversity"]["ratio"] and stages["64"] > stages["128"] > stages["256"]
-    assert quality["artifact_index"]["ratio"] < 3
-    assert quality["prompts"]["min_shown"] >= 0.75
+    assert stages["256"] == quality["diversity"]["ratio"] and min(stages.values()) > 0.7
+    assert quality["artifact_index"]["power_ratio"] <= 1.5
+    assert quality["prompts"]["min_shown"] >= 0.95 and quality["prompts"]["mean_all"] >= 0.95
     # the demo CLIP understands grammar captions, everyday prompts and the listed prompts (target 0.95)
     assert min(report["clip_retrieval"][k]["attribute_match"] for k in ("grammar", "everyday", "prompts")) >= 0.95
-    assert report["total_minutes"] <= 70  # the build's budget on the 2-core machine
+    # the build's record: the defaults of `build-demo`, and its time, which is the machine's (README)
+    assert (report["seed"], report["num_faces"], report["clip_steps"], report["gan_steps"]) == (0, 12000, 1500, 2500)
+    assert report["total_minutes"] == round(sum(report["timings_s"].values()) / 60, 1)
+    assert report["threads"] == 2 and report["device"] == "cpu"
 
 
 def test_demo_generates_all_three_stages(demo):
