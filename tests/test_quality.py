@@ -62,6 +62,26 @@ def test_the_grid_power_is_not_inflated_by_a_spectrum_that_falls_off_early():
     assert same["power_ratio"] == pytest.approx(1.0) and same["power_by_period"]["2"] == pytest.approx(1.0)
 
 
+def test_fine_detail_reads_how_much_power_lies_beyond_a_quarter_of_the_sampling_rate():
+    """What the artifact index's neighbourhood lacks (README, "A grid, or missing detail?"): the share of
+    the power spectrum at radial frequencies above N / 4, generated over real. Smooth images hold
+    almost none, a blur removes most of it, a 2 px grid is all of it, and the same images read 1."""
+    g = torch.Generator().manual_seed(0)
+    detailed = (smooth_images(16, size=128) + 0.2 * torch.randn(16, 3, 128, 128, generator=g)).clamp(-1, 1)
+    blurred = torch.nn.functional.avg_pool2d(detailed, 3, stride=1, padding=1, count_include_pad=False)
+    assert quality.fine_detail_share(smooth_images(16, size=128)) < 0.01
+    share = quality.fine_detail_share(detailed)
+    # white noise puts 1 - pi / 16 (0.80) of its power beyond N / 4; the smooth fields' power dilutes it
+    assert 0.05 < share < 0.8, share
+    pos = torch.arange(128.0)
+    grid = ((-1.0) ** pos)[None, :].expand(128, 128).repeat(4, 3, 1, 1)
+    assert quality.fine_detail_share(grid) == pytest.approx(1.0)
+    detail = quality.fine_detail(blurred, detailed)
+    assert detail["ratio"] < 0.5 and detail["ratio"] == pytest.approx(detail["generated"] / detail["real"])
+    assert quality.fine_detail(detailed, detailed)["ratio"] == pytest.approx(1.0)
+    assert quality.fine_detail_share(detailed[:, :, :, :96]) == pytest.approx(share, rel=0.1)  # not square: fine
+
+
 def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path):
     from helpers.checkpoint import save_generator
     from helpers.config import ModelConfig
@@ -74,6 +94,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     assert 0 <= q["attribute_accuracy"] <= 1 and set(q["recall"]) == set(q["per_attribute"])
     assert q["resolution"] == 64 and q["artifact_index"]["ratio"] > 0
     assert set(q["artifact_index"]["by_period"]) == {"2", "4", "8"}
+    assert q["fine_detail"]["real"] > 0 and q["fine_detail"]["ratio"] > 0
     assert len(q["distances"]) == 2 and all("fid" in d for d in q["distances"].values())  # both extractors named
     assert set(q["diversity"]["per_stage"]) == {"64"}  # one stage; its value is the ratio (see test_demo)
     assert set(q["diversity"]["mean_colour_per_stage"]) == {"64"}
@@ -100,6 +121,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     test = FeaturesDataset(toy_features, split="test", num_stages=1)
     real = downsample(torch.stack([test.image(i) for i in range(len(test))]), 64)
     assert q["artifact_index"]["real"] == pytest.approx(quality.spectral_spikes(real), rel=1e-9)
+    assert q["fine_detail"]["real"] == pytest.approx(quality.fine_detail_share(real), rel=1e-9)
 
 
 @pytest.mark.parametrize("ca_noise", [1.0, 0.0])
@@ -143,21 +165,24 @@ def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_featu
     quality.run_variant("small", tiny, toy_features, tmp_path, points=(2, 3), stages=1, clip=tiny_clip)
     assert measured == [2, 3]  # nothing measured twice
     table = quality.write_table(tmp_path).read_text()
-    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | - | 1 | 0.50 | - |" in table
+    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | - | - | 1 | 0.50 | - |" in table
 
 
-def test_the_table_shows_the_grid_power_beside_the_artifact_index():
-    def point(step, index):
+def test_the_table_shows_the_grid_power_and_the_fine_detail_beside_the_artifact_index():
+    def point(step, index, **extra):
         return dict(step=step, attribute_accuracy=0.9, min_recall=0.5, artifact_index=index,
-                    distances={"random-conv (seeded)": dict(fid=0.1)}, diversity=dict(ratio=0.8))
+                    distances={"random-conv (seeded)": dict(fid=0.1)}, diversity=dict(ratio=0.8), **extra)
 
     reports = [dict(name="new", overrides=["model.up_blur=true"], timed_seconds_per_step=1.0,
-                    points=[point(500, dict(ratio=4.26, power_ratio=1.02))]),
-               dict(name="old", overrides=[], points=[point(500, dict(ratio=2.19))])]  # written before power_ratio
+                    points=[point(500, dict(ratio=4.26, power_ratio=1.02), fine_detail=dict(ratio=0.146))]),
+               dict(name="old", overrides=[], points=[point(500, dict(ratio=2.19))])]  # written before both
     head, rule, new, old = quality.format_table(reports).splitlines()
     cells = [c.strip() for c in head.strip("|").split("|")]
     at = cells.index("grid power / real")
-    assert cells[at - 1] == "artifacts / real" and len(rule.strip("|").split("|")) == len(cells)
-    assert [c.strip() for c in new.strip("|").split("|")][at - 1:at + 1] == ["4.26", "1.02"]
-    assert [c.strip() for c in old.strip("|").split("|")][at] == "-"
+    assert cells[at - 1:at + 2] == ["artifacts / real", "grid power / real", "fine detail / real"]
+    assert len(rule.strip("|").split("|")) == len(cells)
+    assert [c.strip() for c in new.strip("|").split("|")][at - 1:at + 2] == ["4.26", "1.02", "0.15"]
+    assert [c.strip() for c in old.strip("|").split("|")][at:at + 2] == ["-", "-"]
     assert "grid power 1.02x" in quality.summary_line(reports[0]["points"][0])
+    assert "fine detail 0.15x real" in quality.summary_line(reports[0]["points"][0])
+    assert "fine detail -x real" in quality.summary_line(reports[1]["points"][0])
