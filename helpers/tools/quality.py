@@ -248,8 +248,8 @@ def measure_quality(
     per image) x ``seeds`` seeds; every stage's images are judged by the toy faces
     attribute classifier against the attributes of the caption's image (beside it,
     the majority baseline: each attribute answered with its commonest value).
-    The last stage's images also give the periodic-artifact index and FID/KID
-    against the test split's real images at that size (``clip``: the features'
+    The last stage's images also give the periodic-artifact index, the fine detail and
+    FID/KID against the test split's real images at that size (``clip``: the features'
     CLIP, for its image features; without it only the random-conv extractor).
     Diversity: for ``diversity_prompts`` held-out captions, the mean pairwise RMS
     distance (64 px) between ``diversity_seeds`` generated images, divided by the
