@@ -31,6 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The woman has blond hair.", "The man has a beard and wears eyeglasses."]
 
 
+def _size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, its file closed again."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def make_checkpoint(path, *, num_stages=3, text_dim=32, seed=0):
     """A sampling export of a random tiny generator (CLIP spec tiny-random, dim 32)."""
     cfg = ModelConfig(text_dim=text_dim, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=num_stages)
@@ -199,22 +205,22 @@ def test_cli_writes_a_grid_of_the_expected_size(ckpt3, tmp_path, capsys):
     rc = main(["sample", PROMPTS[0], "--checkpoint", str(ckpt3), "--n", "2", "--seed", "0", "--no-labels", "--out", str(out)])
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert Image.open(out).size == (2 * 256 + 3 * 2, 256 + 2 * 2)
+    assert _size(out) == (2 * 256 + 3 * 2, 256 + 2 * 2)
 
 
 def test_cli_stage_panel_labels_and_interpolation(ckpt3, tmp_path, capsys):
     panel = tmp_path / "panel.png"
     assert main(["sample", "a face", "--checkpoint", str(ckpt3), "--stage", "all", "--size", "64",
                  "--seed", "1", "--no-labels", "--out", str(panel)]) == 0
-    assert Image.open(panel).size == (3 * 64 + 4 * 2, 64 + 2 * 2)
+    assert _size(panel) == (3 * 64 + 4 * 2, 64 + 2 * 2)
     labelled = tmp_path / "labelled.png"
     assert main(["sample", *PROMPTS, "--checkpoint", str(ckpt3), "--stage", "1", "--n", "2", "--out", str(labelled)]) == 0
-    width, height = Image.open(labelled).size
+    width, height = _size(labelled)
     assert width == 2 * 64 + 3 * 2 and height > 2 * 64 + 3 * 2  # prompts and seeds written in
     strip = tmp_path / "strip.png"
     assert main(["sample", *PROMPTS, "--interpolate", "--steps", "4", "--stage", "1", "--checkpoint", str(ckpt3),
                  "--no-labels", "--out", str(strip)]) == 0
-    assert Image.open(strip).size == (4 * 64 + 5 * 2, 64 + 2 * 2)
+    assert _size(strip) == (4 * 64 + 5 * 2, 64 + 2 * 2)
     capsys.readouterr()
 
 
@@ -257,4 +263,4 @@ def test_python_m_helpers_sample_end_to_end(ckpt1, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert "seed" in result.stderr  # a random seed is reported so the picture can be made again
-    assert Image.open(out).size == (3 * 64 + 4 * 2, 64 + 2 * 2)
+    assert _size(out) == (3 * 64 + 4 * 2, 64 + 2 * 2)
