@@ -237,7 +237,7 @@ def measure_quality(
     num_captions: int = 200,
     seeds: int = 4,
     seed: int = 0,
-    diversity_prompts: int = 20,
+    diversity_prompts: int = 100,
     diversity_seeds: int = 8,
     real_pool_faces: int = 4000,
     clip: Any = None,
@@ -245,17 +245,19 @@ def measure_quality(
     """Attribute accuracy and recall, artifacts, FID/KID and diversity of a generator trained on toy faces.
 
     Accuracy: ``num_captions`` held-out captions (test split of ``features``, one
-    per image) x ``seeds`` seeds; every stage's images are judged by the toy faces
-    attribute classifier against the attributes of the caption's image (beside it,
-    the majority baseline: each attribute answered with its commonest value).
+    per image) x ``seeds`` images, each with noise of its own (a few noise vectors
+    shared by every caption would make the measure hinge on those few draws); every
+    stage's images are judged by the toy faces attribute classifier against the
+    attributes of the caption's image (beside it, the majority baseline: each
+    attribute answered with its commonest value).
     The last stage's images also give the periodic-artifact index, the fine detail and
     FID/KID against the test split's real images at that size (``clip``: the features'
     CLIP, for its image features; without it only the random-conv extractor).
     Diversity: for ``diversity_prompts`` held-out captions, the mean pairwise RMS
-    distance (64 px) between ``diversity_seeds`` generated images, divided by the
-    same distance between real toy faces that have exactly the caption's
-    attributes (looked for among ``real_pool_faces`` freshly drawn ones). About 1
-    means as varied as real faces; near 0 means mode collapse. ``per_stage`` gives the
+    distance (64 px) between ``diversity_seeds`` generated images (noise of their own
+    again), divided by the same distance between real toy faces that have exactly the
+    caption's attributes (looked for among ``real_pool_faces`` freshly drawn ones).
+    About 1 means as varied as real faces; near 0 means mode collapse. ``per_stage`` gives the
     same ratio for every stage's images (each brought to 64 px), to show where it is lost;
     ``mean_colour_per_stage`` the ratio for each image's mean colour alone.
     """
@@ -285,7 +287,7 @@ def measure_quality(
     text = torch.stack([test.text_features[i, r] for i, r in zip(picks.tolist(), caption_rows)])
     feats = text.repeat_interleave(seeds, dim=0)
     wanted = values[picks].repeat_interleave(seeds, dim=0)
-    seed_list = [seed + j for _ in range(len(picks)) for j in range(seeds)]
+    seed_list = [seed + n for n in range(len(feats))]  # each image its own noise, as for diversity below
     images = generate_from_features(model, feats, seed_list)
     classifier = load_attribute_classifier()
     per_stage = {}
@@ -318,12 +320,13 @@ def measure_quality(
     stage_d: list[list[float]] = [[] for _ in model.resolutions]  # every stage's images, judged at 64 px
     colour_d: list[list[float]] = [[] for _ in model.resolutions]  # ... and each image's mean colour only
     real_d, real_colour_d = [], []
-    for i in picks[:diversity_prompts].tolist():
+    for k, i in enumerate(picks[:diversity_prompts].tolist()):
         key = tuple(values[i].tolist())
         if len(real_pool.get(key, [])) < 2:
             continue
         feat = test.text_features[i, 0:1].repeat(diversity_seeds, 1)
-        stages = generate_from_features(model, feat, [seed + 1000 + j for j in range(diversity_seeds)])
+        first = seed + len(seed_list) + k * diversity_seeds  # noise no other prompt or image shares
+        stages = generate_from_features(model, feat, list(range(first, first + diversity_seeds)))
         for s, g in enumerate(stages):
             stage_d[s].append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
             colour_d[s].append(pairwise_distance(g.mean((2, 3), keepdim=True)))
