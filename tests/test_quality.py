@@ -15,6 +15,20 @@ def smooth_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+def give_every_face_the_commonest_attributes(features) -> None:
+    """Rewrite ``features`` so every face has the commonest attributes of measure_quality's real pool
+    (seed 7777): every diversity prompt then finds real faces to compare with."""
+    from collections import Counter
+
+    from helpers.files import atomic_save
+    from helpers.toyfaces import TOY_ATTRIBUTES, iter_toyfaces
+
+    pool = Counter(tuple(a[n] for n in TOY_ATTRIBUTES) for _, a, _ in iter_toyfaces(100, seed=7777))
+    data = torch.load(features, weights_only=False)
+    data["attributes"]["values"][:] = torch.tensor(pool.most_common(1)[0][0])
+    atomic_save(data, features)
+
+
 def test_the_artifact_index_sees_a_period_of_n_over_8():
     real = smooth_images(16)
     grid = torch.zeros(64, 64)
@@ -100,17 +114,8 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     assert set(q["diversity"]["mean_colour_per_stage"]) == {"64"}
     probe = q["condition_probe"]
     assert set(probe["mean"]) == set(probe["sampled"]) and 0 <= probe["min_sampled"] <= 1
-    # every face given the commonest attributes of the real pool (seed 7777, as measure_quality draws it): the
-    # diversity prompts find real faces to compare with, and every ratio is a number
-    from collections import Counter
-
-    from helpers.files import atomic_save
-    from helpers.toyfaces import TOY_ATTRIBUTES, iter_toyfaces
-
-    pool = Counter(tuple(a[n] for n in TOY_ATTRIBUTES) for _, a, _ in iter_toyfaces(100, seed=7777))
-    data = torch.load(toy_features, weights_only=False)
-    data["attributes"]["values"][:] = torch.tensor(pool.most_common(1)[0][0])
-    atomic_save(data, toy_features)
+    # with real faces for every diversity prompt, every ratio is a number
+    give_every_face_the_commonest_attributes(toy_features)
     q = quality.measure_quality(path, toy_features, num_captions=3, seeds=2, diversity_prompts=2, diversity_seeds=2,
                                 real_pool_faces=100, clip=tiny_clip)
     colour = q["diversity"]["mean_colour_per_stage"]["64"]
@@ -191,20 +196,13 @@ def test_the_table_shows_the_grid_power_and_the_fine_detail_beside_the_artifact_
 def test_every_measured_image_gets_its_own_noise(toy_features, tiny_clip, tmp_path, monkeypatch):
     """Accuracy and diversity average over noise: a few noise vectors shared by every caption would make
     the whole measurement hinge on those few draws (the diversity ratio of one generator spread 0.74-0.82
-    over evaluation seeds with 8 shared vectors, 0.74-0.76 with one set per prompt)."""
-    from collections import Counter
-
+    over evaluation seeds with 8 shared vectors, 0.74-0.77 with noise of its own per image)."""
     import helpers.sample
     from helpers.checkpoint import save_generator
     from helpers.config import ModelConfig
-    from helpers.files import atomic_save
     from helpers.network import build_models
-    from helpers.toyfaces import TOY_ATTRIBUTES, iter_toyfaces
 
-    pool = Counter(tuple(a[n] for n in TOY_ATTRIBUTES) for _, a, _ in iter_toyfaces(100, seed=7777))
-    data = torch.load(toy_features, weights_only=False)
-    data["attributes"]["values"][:] = torch.tensor(pool.most_common(1)[0][0])  # every prompt finds real faces
-    atomic_save(data, toy_features)
+    give_every_face_the_commonest_attributes(toy_features)
     G, _ = build_models(ModelConfig(text_dim=32, z_dim=8, cond_dim=8, ng=64, nd=4, num_stages=1), seed=0)
     path = save_generator(tmp_path / "g.pt", G, clip_spec="tiny-random")
     calls = []
