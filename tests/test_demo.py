@@ -144,6 +144,8 @@ def test_the_prompt_check_gives_every_image_noise_of_its_own(tiny_clip, tmp_path
     check = prompt_check(path, tiny_clip, seeds=3, seed=5)
     seeds = [s for call in calls for s in call]
     assert len(seeds) == 3 * len(PROMPT_ATTRIBUTES) and len(set(seeds)) == len(seeds), calls
+    prompt_check(path, tiny_clip, seeds=3, seed=6)  # another evaluation seed draws other noise, not the same shifted
+    assert not set(calls[-1]) & set(seeds), calls
     assert check["seeds"] == 3 and set(check["per_prompt"]) == set(PROMPT_ATTRIBUTES)
     for scores in check["per_prompt"].values():
         # shown: a share of 3 images x (asked + gender) checks; all: a share of the 3 images

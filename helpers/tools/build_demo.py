@@ -203,8 +203,9 @@ def clip_retrieval(
 def prompt_check(generator_path: str | os.PathLike, clip, *, seeds: int = 32, seed: int = 0) -> dict[str, Any]:
     """What the generator draws for each of ``PROMPT_ATTRIBUTES`` (``seeds`` images, last stage).
 
-    Every image has noise of its own (prompt ``p``'s image ``j`` seed ``seed + p * seeds + j``), so a
-    prompt's score is an average over draws of z, not a verdict on a few noise vectors shared by all.
+    Every image has noise of its own (prompt ``p``'s image ``j`` seed ``(seed * P + p) * seeds + j`` for
+    P prompts), so a prompt's score is an average over draws of z, not a verdict on a few noise vectors
+    shared by all, and another ``seed`` draws other noise.
 
     Per prompt: ``shown``, the share of its asked attributes (gender included: "Male" for a
     man, its absence for a woman) that the toy-face classifier finds, averaged over the
@@ -218,7 +219,8 @@ def prompt_check(generator_path: str | os.PathLike, clip, *, seeds: int = 32, se
     model = load_generator(generator_path, device="cpu")
     prompts = list(PROMPT_ATTRIBUTES)
     text = clip.encode_text(prompts).cpu().repeat_interleave(seeds, dim=0)
-    images = generate_from_features(model, text, [seed + j for j in range(seeds * len(prompts))])[-1]
+    first = seed * len(prompts) * seeds
+    images = generate_from_features(model, text, [first + j for j in range(len(prompts) * seeds)])[-1]
     predicted = predict_attributes(images, classifier=load_attribute_classifier()).view(len(prompts), seeds, -1)
     male = TOY_ATTRIBUTES.index("Male")
     per_prompt = {}
