@@ -68,3 +68,25 @@ def toy_features(synthetic_features):
     data["meta"]["source_kind"] = "toyfaces"
     atomic_save(data, synthetic_features)
     return synthetic_features
+
+
+@pytest.fixture
+def seed_recorder(tmp_path, monkeypatch):
+    """A tiny one-stage generator saved for the ``tiny-random`` CLIP, and the seed lists it is asked to
+    draw with: returns ``(path, calls)``, ``calls`` one list per ``sample.generate_from_features`` call."""
+    import helpers.sample
+    from helpers.checkpoint import save_generator
+    from helpers.config import ModelConfig
+    from helpers.network import build_models
+
+    G, _ = build_models(ModelConfig(text_dim=32, z_dim=8, cond_dim=8, ng=64, nd=4, num_stages=1), seed=0)
+    path = save_generator(tmp_path / "g.pt", G, clip_spec="tiny-random")
+    calls: list[list[int]] = []
+    real_generate = helpers.sample.generate_from_features
+
+    def recording(model, text_features, seeds, **kwargs):
+        calls.append(list(seeds))
+        return real_generate(model, text_features, seeds, **kwargs)
+
+    monkeypatch.setattr(helpers.sample, "generate_from_features", recording)
+    return path, calls

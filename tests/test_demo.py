@@ -123,25 +123,12 @@ def test_the_readme_notebook_and_widget_prompts_are_ones_the_demo_is_measured_on
     assert not set(prompts) - set(PROMPT_ATTRIBUTES), sorted(set(prompts) - set(PROMPT_ATTRIBUTES))
 
 
-def test_the_prompt_check_gives_every_image_noise_of_its_own(tiny_clip, tmp_path, monkeypatch):
+def test_the_prompt_check_gives_every_image_noise_of_its_own(tiny_clip, seed_recorder):
     """The listed prompts' check draws each image with its own noise: the same few noise vectors for every
     prompt made its lowest score hinge on those draws (one generator read 0.88-0.96 across seeds with 8)."""
-    import helpers.sample
-    from helpers.checkpoint import save_generator
-    from helpers.config import ModelConfig
-    from helpers.network import build_models
     from helpers.tools.build_demo import PROMPT_ATTRIBUTES, prompt_check
 
-    G, _ = build_models(ModelConfig(text_dim=32, z_dim=8, cond_dim=8, ng=64, nd=4, num_stages=1), seed=0)
-    path = save_generator(tmp_path / "g.pt", G, clip_spec="tiny-random")
-    calls = []
-    real_generate = helpers.sample.generate_from_features
-
-    def recording(model, text_features, seeds, **kwargs):
-        calls.append(list(seeds))
-        return real_generate(model, text_features, seeds, **kwargs)
-
-    monkeypatch.setattr(helpers.sample, "generate_from_features", recording)
+    path, calls = seed_recorder
     check = prompt_check(path, tiny_clip, seeds=3, seed=5)
     seeds = [s for call in calls for s in call]
     assert len(seeds) == 3 * len(PROMPT_ATTRIBUTES) and len(set(seeds)) == len(seeds), calls

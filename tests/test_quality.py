@@ -193,26 +193,12 @@ def test_the_table_shows_the_grid_power_and_the_fine_detail_beside_the_artifact_
     assert "fine detail -x real" in quality.summary_line(reports[1]["points"][0])
 
 
-def test_every_measured_image_gets_its_own_noise(toy_features, tiny_clip, tmp_path, monkeypatch):
+def test_every_measured_image_gets_its_own_noise(toy_features, seed_recorder):
     """Accuracy and diversity average over noise: a few noise vectors shared by every caption would make
     the whole measurement hinge on those few draws (the diversity ratio of one generator spread 0.74-0.82
     over evaluation seeds with 8 shared vectors, 0.74-0.77 with noise of its own per image)."""
-    import helpers.sample
-    from helpers.checkpoint import save_generator
-    from helpers.config import ModelConfig
-    from helpers.network import build_models
-
     give_every_face_the_commonest_attributes(toy_features)
-    G, _ = build_models(ModelConfig(text_dim=32, z_dim=8, cond_dim=8, ng=64, nd=4, num_stages=1), seed=0)
-    path = save_generator(tmp_path / "g.pt", G, clip_spec="tiny-random")
-    calls = []
-    real_generate = helpers.sample.generate_from_features
-
-    def recording(model, text_features, seeds, **kwargs):
-        calls.append(list(seeds))
-        return real_generate(model, text_features, seeds, **kwargs)
-
-    monkeypatch.setattr(helpers.sample, "generate_from_features", recording)
+    path, calls = seed_recorder
     q = quality.measure_quality(path, toy_features, num_captions=3, seeds=2, diversity_prompts=3, diversity_seeds=2,
                                 real_pool_faces=100, seed=5)
     assert q["diversity"]["prompts"] == 3 and len(calls) == 1 + 3  # the accuracy images, then one call per prompt
