@@ -96,6 +96,49 @@ def test_fine_detail_reads_how_much_power_lies_beyond_a_quarter_of_the_sampling_
     assert quality.fine_detail_share(detailed[:, :, :, :96]) == pytest.approx(share, rel=0.1)  # not square: fine
 
 
+def toy_images(n: int, seed: int) -> tuple[torch.Tensor, list[dict[str, bool]]]:
+    """n toy faces [n, 3, 256, 256] in [-1, 1] and their attributes."""
+    import numpy as np
+
+    from helpers.pictures import dequantize
+    from helpers.toyfaces import iter_toyfaces
+
+    faces = list(iter_toyfaces(n, seed=seed))
+    return torch.stack([dequantize(np.array(im), channels_last=True) for im, _, _ in faces]), [a for _, a, _ in faces]
+
+
+def test_eye_counts_find_two_eyes_a_bar_over_them_and_a_row_of_repeated_eyes():
+    """Real toy faces read two eyes (most of them); glasses drawn as a bar over the eyes read none and a
+    row of repeated eyes reads more than two, so both lie far from real faces in ``eye_count_distance``,
+    while unseen real faces lie close."""
+    real, attrs = toy_images(200, seed=0)
+    plain = torch.tensor([not a["Eyeglasses"] for a in attrs])
+    counts = quality.eye_counts(real)
+    assert (counts[plain] == 2).float().mean() > 0.8
+    faces, _ = toy_images(100, seed=1)
+    faces = faces[quality.eye_counts(faces) == 2][:24]
+    barred, repeated = faces.clone(), faces.clone()
+    barred[:, :, 104:150, 60:196] = -0.9  # a dark bar across the eye band: no eyes show
+    for face, eyes in zip(repeated, quality.eye_map(faces)):  # a row of copies of the left eye, 24 px apart
+        y, x = (int(v) * 2 for v in eyes.nonzero()[0])  # the left eye's centre at 256 px
+        eye = face[:, y - 10:y + 10, x - 12:x + 12].clone()
+        end = min(x + 156, face.shape[-1])
+        face[:, y - 10:y + 10, x - 12:end] = eye.repeat(1, 1, 7)[:, :, :end - x + 12]
+    others, _ = toy_images(200, seed=2)
+    same = quality.eye_count_distance(others, real)
+    assert same["distance"] < 0.15, same
+    assert quality.eye_count_distance(barred, real)["distance"] > 0.6
+    assert (quality.eye_counts(barred) == 0).all()
+    tiled = quality.eye_count_distance(repeated, real)
+    assert tiled["distance"] > 0.5, tiled
+    assert sum(tiled["generated"][3:]) > 0.6
+    groups = {"plain": (torch.ones(len(faces), dtype=torch.bool), plain)}
+    grouped = quality.eye_count_distance(faces, real, groups=groups)
+    assert grouped["groups"]["plain"]["real"] == pytest.approx(
+        (torch.bincount(counts[plain].clamp_max(4), minlength=5).double() / int(plain.sum())).tolist())
+    assert grouped["groups"]["plain"]["images"] == (len(faces), int(plain.sum()))
+
+
 def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path):
     from helpers.checkpoint import save_generator
     from helpers.config import ModelConfig
@@ -109,6 +152,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     assert q["resolution"] == 64 and q["artifact_index"]["ratio"] > 0
     assert set(q["artifact_index"]["by_period"]) == {"2", "4", "8"}
     assert q["fine_detail"]["real"] > 0 and q["fine_detail"]["ratio"] > 0
+    assert q["eyes"] is None  # 64 px: an eye is a few pixels (a 128 px stage: test_eye_counts_of_a_measurement)
     assert len(q["distances"]) == 2 and all("fid" in d for d in q["distances"].values())  # both extractors named
     assert set(q["diversity"]["per_stage"]) == {"64"}  # one stage; its value is the ratio (see test_demo)
     assert set(q["diversity"]["mean_colour_per_stage"]) == {"64"}
@@ -127,6 +171,28 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     real = downsample(torch.stack([test.image(i) for i in range(len(test))]), 64)
     assert q["artifact_index"]["real"] == pytest.approx(quality.spectral_spikes(real), rel=1e-9)
     assert q["fine_detail"]["real"] == pytest.approx(quality.fine_detail_share(real), rel=1e-9)
+
+
+def test_eye_counts_of_a_measurement_compare_the_images_asked_for_eyeglasses_with_real_faces_wearing_them(
+        toy_features, tmp_path):
+    from helpers.checkpoint import save_generator
+    from helpers.config import ModelConfig
+    from helpers.features import FeaturesDataset
+    from helpers.network import build_models
+
+    G, _ = build_models(ModelConfig(text_dim=32, z_dim=8, cond_dim=8, ng=64, nd=4, num_stages=2), seed=0)
+    path = save_generator(tmp_path / "g.pt", G, clip_spec="tiny-random")
+    q = quality.measure_quality(path, toy_features, num_captions=4, seeds=2, diversity_prompts=1, diversity_seeds=2,
+                                real_pool_faces=10)
+    eyes = q["eyes"]
+    assert q["resolution"] == 128 and 0 <= eyes["distance"] <= 1
+    assert set(eyes["groups"]) == {"Eyeglasses", "no Eyeglasses"}
+    test = FeaturesDataset(toy_features, split="test", num_stages=1)
+    asked = sum(g["images"][0] for g in eyes["groups"].values())
+    worn = sum(g["images"][1] for g in eyes["groups"].values())
+    assert (asked, worn) == (eyes["images"][0], eyes["images"][1]) == (q["captions"] * q["seeds"], len(test))
+    with pytest.raises(ValueError, match="128 px or a multiple"):
+        quality.eye_counts(torch.zeros(1, 3, 64, 64))
 
 
 @pytest.mark.parametrize("ca_noise", [1.0, 0.0])
@@ -170,24 +236,28 @@ def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_featu
     quality.run_variant("small", tiny, toy_features, tmp_path, points=(2, 3), stages=1, clip=tiny_clip)
     assert measured == [2, 3]  # nothing measured twice
     table = quality.write_table(tmp_path).read_text()
-    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | - | - | 1 | 0.50 | - |" in table
+    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | - | - | - | 1 | 0.50 | - |" in table
 
 
-def test_the_table_shows_the_grid_power_and_the_fine_detail_beside_the_artifact_index():
+def test_the_table_shows_the_grid_power_the_fine_detail_and_the_eyes_beside_the_artifact_index():
     def point(step, index, **extra):
         return dict(step=step, attribute_accuracy=0.9, min_recall=0.5, artifact_index=index,
                     distances={"random-conv (seeded)": dict(fid=0.1)}, diversity=dict(ratio=0.8), **extra)
 
     reports = [dict(name="new", overrides=["model.up_blur=true"], timed_seconds_per_step=1.0,
-                    points=[point(500, dict(ratio=4.26, power_ratio=1.02), fine_detail=dict(ratio=0.146))]),
+                    points=[point(500, dict(ratio=4.26, power_ratio=1.02), fine_detail=dict(ratio=0.146),
+                                  eyes=dict(distance=0.123, groups={"Eyeglasses": dict(distance=0.456)}))]),
                dict(name="old", overrides=[], points=[point(500, dict(ratio=2.19))])]  # written before both
     head, rule, new, old = quality.format_table(reports).splitlines()
     cells = [c.strip() for c in head.strip("|").split("|")]
     at = cells.index("grid power / real")
-    assert cells[at - 1:at + 2] == ["artifacts / real", "grid power / real", "fine detail / real"]
+    assert cells[at - 1:at + 3] == ["artifacts / real", "grid power / real", "fine detail / real",
+                                    "eyes vs real (glasses)"]
     assert len(rule.strip("|").split("|")) == len(cells)
-    assert [c.strip() for c in new.strip("|").split("|")][at - 1:at + 2] == ["4.26", "1.02", "0.15"]
-    assert [c.strip() for c in old.strip("|").split("|")][at:at + 2] == ["-", "-"]
+    new_cells = [c.strip() for c in new.strip("|").split("|")]
+    assert new_cells[at - 1:at + 3] == ["4.26", "1.02", "0.15", "0.12 (glasses 0.46)"]
+    assert [c.strip() for c in old.strip("|").split("|")][at:at + 3] == ["-", "-", "-"]
+    assert "eyes 0.12 (glasses 0.46) from real" in quality.summary_line(reports[0]["points"][0])
     assert "grid power 1.02x" in quality.summary_line(reports[0]["points"][0])
     assert "fine detail 0.15x real" in quality.summary_line(reports[0]["points"][0])
     assert "fine detail -x real" in quality.summary_line(reports[1]["points"][0])
