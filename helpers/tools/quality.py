@@ -199,6 +199,8 @@ def eye_map(images: Tensor, *, threshold: float = EYE_THRESHOLD) -> Tensor:
     one image: it finds two eyes in about 9 of 10 real faces without glasses and 6 of 10 with them
     (frames add or hide some), none behind sunglasses; a generator that draws glasses as a bar over
     the eyes reads 0 and one that draws a row of repeated eyes reads 3 or more (``eye_count_distance``).
+    In generated faces it also counts eye-like marks that are not eyes, such as a light halo between
+    dark hair and skin: anything it finds beyond a real face's two is structure real faces lack.
     """
     from ..features import downsample
 
