@@ -96,23 +96,22 @@ def test_fine_detail_reads_how_much_power_lies_beyond_a_quarter_of_the_sampling_
     assert quality.fine_detail_share(detailed[:, :, :, :96]) == pytest.approx(share, rel=0.1)  # not square: fine
 
 
-def toy_images(n: int, seed: int) -> tuple[torch.Tensor, list[dict[str, bool]]]:
-    """n toy faces [n, 3, 256, 256] in [-1, 1] and their attributes."""
-    import numpy as np
+def toy_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n toy faces of toy seed ``seed``: images [n, 3, 256, 256] in [-1, 1] and whether each wears glasses [n]."""
+    from helpers.attributes import to_tensor
+    from helpers.tools.train_classifier import toyface_arrays
+    from helpers.toyfaces import TOY_ATTRIBUTES
 
-    from helpers.pictures import dequantize
-    from helpers.toyfaces import iter_toyfaces
-
-    faces = list(iter_toyfaces(n, seed=seed))
-    return torch.stack([dequantize(np.array(im), channels_last=True) for im, _, _ in faces]), [a for _, a, _ in faces]
+    images, labels = toyface_arrays(n, seed=seed, size=256)
+    return to_tensor(images), torch.from_numpy(labels[:, TOY_ATTRIBUTES.index("Eyeglasses")])
 
 
 def test_eye_counts_find_two_eyes_a_bar_over_them_and_a_row_of_repeated_eyes():
     """Real toy faces read two eyes (most of them); glasses drawn as a bar over the eyes read none and a
     row of repeated eyes reads more than two, so both lie far from real faces in ``eye_count_distance``,
     while unseen real faces lie close."""
-    real, attrs = toy_images(200, seed=0)
-    plain = torch.tensor([not a["Eyeglasses"] for a in attrs])
+    real, glasses = toy_images(200, seed=0)
+    plain = ~glasses
     counts = quality.eye_counts(real)
     assert (counts[plain] == 2).float().mean() > 0.8
     faces, _ = toy_images(100, seed=1)
