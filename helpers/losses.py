@@ -146,6 +146,26 @@ def color_consistency_loss(images: list[Tensor], *, covariance_weight: float = 5
     return total
 
 
+def layout_consistency_loss(images: list[Tensor], *, size: int) -> Tensor:
+    """Each upper stage keeps the coarse picture of the stage below, summed over the upper stages.
+
+    images[s]: stage s's images [B, 3, H_s, W_s] in [-1, 1], every side a multiple of
+    ``size``. For every stage s >= 1: the mean absolute difference between its images
+    and those of stage s - 1, both averaged down to ``size`` x ``size`` pixels, where a
+    face's layout, pose and colours show and its details (eyes, strands, glasses'
+    frames) do not. The lower stage is detached, as in ``color_consistency_loss``: the
+    upper stage refines the picture below instead of drawing its own. One stage gives 0.
+    """
+    bad = [tuple(img.shape[-2:]) for img in images if img.shape[-1] % size or img.shape[-2] % size]
+    if size < 1 or bad:
+        raise ValueError(f"layout_consistency_loss needs image sides that are multiples of size={size}, got {bad}")
+    total = images[0].new_zeros((), dtype=torch.float32)
+    for lower, upper in itertools.pairwise(images):
+        coarse_l = F.adaptive_avg_pool2d(lower.detach().float(), size)
+        total = total + (F.adaptive_avg_pool2d(upper.float(), size) - coarse_l).abs().mean()
+    return total
+
+
 # --------------------------------------------------------------------------- one stage, assembled
 
 

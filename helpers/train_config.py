@@ -72,6 +72,8 @@ class TrainConfig:
     reg_every: int = 1  # R1 / MA-GP every this many steps, weighted by it (StyleGAN2's lazy regularisation)
     color_consistency: float = 0.0  # StackGAN-v2's colour-consistency weight (0: off; StackGAN-v2: 50): every
     #   upper stage keeps the per-image colour mean and covariance of the stage below (covariance x 5)
+    layout_consistency: float = 0.0  # weight of the layout-consistency term (0: off): every upper stage keeps the
+    #   picture of the stage below at half the first stage's resolution (L1 at 32 px), where layout and colours show
     ema_standing_stats: int = 0  # batches of text features that recompute G_ema's BatchNorm statistics for its
     #   weights before every save (0: G's statistics, copied, as the reference)
 
@@ -93,9 +95,9 @@ class TrainConfig:
         if self.d_batches not in ("separate", "joint"):
             raise ValueError(f"d_batches must be 'separate' or 'joint', got {self.d_batches!r}")
         if min(self.r1_weight, self.ema_standing_stats, self.ma_gp_weight, self.balance_attributes,
-               self.color_consistency) < 0:
-            raise ValueError("r1_weight, ma_gp_weight, balance_attributes, color_consistency and ema_standing_stats "
-                             "must be >= 0")
+               self.color_consistency, self.layout_consistency) < 0:
+            raise ValueError("r1_weight, ma_gp_weight, balance_attributes, color_consistency, layout_consistency and "
+                             "ema_standing_stats must be >= 0")
         if self.reg_every < 1:
             raise ValueError(f"reg_every must be >= 1, got {self.reg_every}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -124,7 +126,7 @@ class TrainConfig:
 # The training recipe's switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_RECIPE: dict[str, Any] = dict(
     temperature=0.5, r1_weight=0.0, ma_gp_weight=0.0, reg_every=1, clip_augment=False, d_batches="separate",
-    balance_attributes=0.0, ema_standing_stats=0, color_consistency=0.0,
+    balance_attributes=0.0, ema_standing_stats=0, color_consistency=0.0, layout_consistency=0.0,
 )
 
 

@@ -12,12 +12,12 @@ et al. 2022) and the EMA generator of StyleGAN (Karras et al.). One step:
 3. G step: the same fakes, not detached, through the updated discriminators
    (their weights frozen for this backward), plus the CLIP loss at the configured
    stages, the KL term and (when on) MSGAN's mode-seeking term and StackGAN-v2's
-   colour consistency between stages; G steps and the
+   colour consistency and the layout consistency between stages; G steps and the
    EMA copy follows.
 
 Loss terms come from the pure functions of ``losses`` and are returned under
 hierarchical names: ``loss/d``, ``loss/d/stage0``, ``loss/d/stage0/cond``, ...,
-``loss/g``, ``loss/g/stage0/adv``, ``loss/g/kl``, ``loss/g/mode_seeking``, ``loss/g/color``.
+``loss/g``, ``loss/g/stage0/adv``, ``loss/g/kl``, ``loss/g/mode_seeking``, ``loss/g/color``, ``loss/g/layout``.
 Everything random in a step draws from one ``torch.Generator`` (saved in the
 checkpoint), so a resumed run continues the same stream.
 """
@@ -311,6 +311,9 @@ class Trainer:
             if cfg.color_consistency > 0 and len(fakes.images) > 1:
                 terms[loss_name("g", "color")] = losses.color_consistency_loss(fakes.images)
                 total = total + cfg.color_consistency * terms[loss_name("g", "color")]
+            if cfg.layout_consistency > 0 and len(fakes.images) > 1:
+                terms[loss_name("g", "layout")] = losses.layout_consistency_loss(fakes.images, size=fakes.images[0].shape[-1] // 2)
+                total = total + cfg.layout_consistency * terms[loss_name("g", "layout")]
             if fakes.twins is not None:
                 k = fakes.twins[0].shape[0]
                 stages = self.mode_seeking_stages

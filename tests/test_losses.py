@@ -143,6 +143,32 @@ def test_color_consistency_loss_keeps_the_lower_stages_colours():
     assert stages[0].grad is None and stages[1].grad.abs().sum() > 0
 
 
+def test_layout_consistency_loss_keeps_the_lower_stages_coarse_picture():
+    torch.manual_seed(0)
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    refined = F.interpolate(low, scale_factor=2, mode="nearest")
+    refined = refined + 0.5 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 8)  # detail finer than 4 px
+    assert losses.layout_consistency_loss([low, refined], size=4).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.layout_consistency_loss([low], size=4).item() == 0.0  # one stage: nothing to keep
+    # a change the coarse picture shows costs its mean absolute size there
+    moved = refined.clone()
+    moved[:, :, :8] += 0.4  # the top half brighter
+    assert losses.layout_consistency_loss([low, moved], size=4).item() == pytest.approx(0.2, rel=1e-4)
+    # ... while the colour-consistency term cannot see the same picture flipped upside down
+    flipped = F.interpolate(low, scale_factor=2, mode="nearest").flip(2)
+    assert losses.color_consistency_loss([low, flipped]).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.layout_consistency_loss([low, flipped], size=4).item() > 0.1
+    # three stages: each upper stage follows the one below; only the upper side of a pair gets a gradient
+    stages = [low.clone().requires_grad_(True), moved.clone().requires_grad_(True),
+              F.interpolate(moved, scale_factor=2).requires_grad_(True)]
+    total = losses.layout_consistency_loss(stages, size=4)
+    assert total.item() == pytest.approx(0.2, rel=1e-4)  # stage 2 keeps stage 1's picture: no cost
+    total.backward()
+    assert stages[0].grad is None and stages[1].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="size"):
+        losses.layout_consistency_loss([low, refined], size=3)
+
+
 def test_info_nce_runs_in_fp32_inside_autocast():
     # Called from the trainer inside autocast: the similarity matmul must still be fp32.
     g = torch.Generator().manual_seed(0)

@@ -297,6 +297,17 @@ def test_color_consistency_term(trainer_and_batch, tiny_clip):
         tiny_config(color_consistency=-1.0)
 
 
+def test_layout_consistency_term(trainer_and_batch, tiny_clip):
+    _, batch = trainer_and_batch
+    values = Trainer(tiny_config(layout_consistency=10.0), clip=tiny_clip).train_step(batch)
+    assert math.isfinite(values["loss/g/layout"]) and values["loss/g/layout"] > 0
+    assert "loss/g/layout" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    plain = Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    assert values["loss/g"] - plain["loss/g"] == pytest.approx(10.0 * values["loss/g/layout"], rel=1e-3)
+    with pytest.raises(ValueError, match="layout_consistency"):
+        tiny_config(layout_consistency=-1.0)
+
+
 def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_clip):
     f = torch.nn.functional.normalize(torch.randn(5, 32), dim=1)
     pseudo = pseudo_text_features(f, 0.5, generator=torch.Generator().manual_seed(0))
@@ -600,8 +611,8 @@ def test_the_reference_preset_keeps_the_bootcamp_recipe():
     assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.ca_noise, ref.model.d_norm,
             ref.model.d_spectral_norm, ref.model.d_clip_head) == ("deconv", None, 1.0, "batch", False, False)
     assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats,
-            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every, ref.color_consistency) == (
-        0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1, 0.0)
+            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every, ref.color_consistency, ref.layout_consistency) == (
+        0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1, 0.0, 0.0)
     assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
     # the faces preset is the same run with the adopted switches: back at the reference values, it is the reference
     faces = train_preset("faces")
