@@ -90,6 +90,8 @@ class ModelConfig:
     d_norm: str = "batch"  # discriminator normalisation: "batch" (BatchNorm, reference) or "none"
     d_spectral_norm: bool = False  # spectral normalisation of every discriminator convolution (Miyato et al.)
     d_clip_head: bool = False  # the last stage's D also judges the run's frozen CLIP image features (GALIP)
+    d_minibatch_std: int = 0  # group size of the minibatch standard deviation every D appends to its 4x4 features,
+    #   so it sees how alike a batch's images are (ProGAN, StyleGAN: 4); 0: off (reference)
 
     def __post_init__(self) -> None:
         check_num_stages(self.num_stages)
@@ -111,6 +113,8 @@ class ModelConfig:
         for name in ("text_dim", "z_dim", "cond_dim", "nd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_minibatch_std < 0:
+            raise ValueError(f"d_minibatch_std must be >= 0 (a group size; 0: off), got {self.d_minibatch_std}")
         if self.num_res_blocks < 0:
             raise ValueError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
 
@@ -145,7 +149,7 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 # The model's recipe switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_MODEL_RECIPE: dict[str, Any] = dict(
     upsample="deconv", upper_upsample=None, up_blur=False, ca_init_gain=None, ca_noise=1.0, z_every_stage=False,
-    image_skip=False, d_norm="batch", d_spectral_norm=False, d_clip_head=False,
+    image_skip=False, d_norm="batch", d_spectral_norm=False, d_clip_head=False, d_minibatch_std=0,
 )
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

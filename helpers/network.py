@@ -54,6 +54,28 @@ class Blur(nn.Module):
         return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
 
 
+class MinibatchStd(nn.Module):
+    """ProGAN's minibatch standard deviation: [B, C, H, W] -> [B, C + 1, H, W].
+
+    The batch is split into groups of ``group`` images (one group of all B when B is no
+    multiple of it); the extra channel holds, for every image, the standard deviation
+    over its group of each feature, averaged over channels and positions: near 0 when
+    the group's images look alike, so a discriminator can tell a batch with less variety
+    than real images have (Karras et al. 2018; StyleGAN's group of 4).
+    """
+
+    def __init__(self, group: int = 4) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        g = self.group if B % self.group == 0 else B
+        spread = x.float().view(-1, g, C, H, W).var(1, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))  # [B / g]
+        extra = spread.repeat_interleave(g)[:, None, None, None].expand(B, 1, H, W).to(x.dtype)
+        return torch.cat([x, extra], dim=1)
+
+
 class GLU(nn.Module):
     """[B, 2C, H, W] -> [B, C, H, W]: the first C channels gated by the sigmoid of the last C.
 
@@ -366,10 +388,12 @@ class Discriminator(nn.Module):
         prior = [down_block(a, b, norm=norm) for a, b in zip(widths[:-1], widths[1:])]
         prior += [same_block(a, b, norm=norm) for a, b in zip(widths[:0:-1], widths[-2::-1])]
         self.prior = nn.Sequential(*prior)
-        self.uncond_head = nn.Conv2d(top, 1, kernel_size=4, stride=4)
-        self.cond_head = nn.Sequential(same_block(top + cfg.cond_dim, top, norm=norm), nn.Conv2d(top, 1, 4, stride=4))
+        self.minibatch_std = MinibatchStd(cfg.d_minibatch_std) if cfg.d_minibatch_std else nn.Identity()
+        width = top + (1 if cfg.d_minibatch_std else 0)  # the heads' input: the 4x4 features (+ their spread)
+        self.uncond_head = nn.Conv2d(width, 1, kernel_size=4, stride=4)
+        self.cond_head = nn.Sequential(same_block(width + cfg.cond_dim, top, norm=norm), nn.Conv2d(top, 1, 4, stride=4))
         self.align_head = nn.Sequential(
-            nn.Conv2d(top, top, kernel_size=3, bias=not norm),  # 4x4 -> 2x2
+            nn.Conv2d(width, top, kernel_size=3, bias=not norm),  # 4x4 -> 2x2
             nn.BatchNorm2d(top) if norm else nn.Identity(),
             nn.SiLU(inplace=True),
             nn.Conv2d(top, cfg.text_dim, kernel_size=2, stride=2),  # 2x2 -> 1x1
@@ -377,12 +401,12 @@ class Discriminator(nn.Module):
 
 
     def features(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> features [B, 8nd, 4, 4]."""
+        """images [B, 3, H, W] in [-1, 1] -> features [B, 8nd, 4, 4] ([B, 8nd + 1, 4, 4] with ``d_minibatch_std``)."""
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
             raise ValueError(
                 f"this discriminator takes {self.resolution} px images, got {list(images.shape)}"
             )
-        return self.prior(self.trunk(images))
+        return self.minibatch_std(self.prior(self.trunk(images)))
 
     def heads(
         self, features: Tensor, condition: Tensor | None = None, *, mismatched: Tensor | None = None, align: bool = True,

@@ -320,6 +320,37 @@ def test_discriminator_switches_and_the_orthogonal_condition_init():
         ModelConfig(upsample="pixelshuffle")
 
 
+def test_minibatch_std_shows_the_discriminator_how_alike_a_batch_is():
+    from helpers.network import MinibatchStd
+
+    layer = MinibatchStd(4)
+    torch.manual_seed(0)
+    alike = torch.randn(1, 5, 4, 4).expand(8, -1, -1, -1)
+    varied = torch.randn(8, 5, 4, 4)
+    out = layer(varied)
+    assert out.shape == (8, 6, 4, 4) and torch.equal(out[:, :5], varied)
+    assert layer(alike)[:, 5].max() <= 1e-4 + 1e-7  # a collapsed batch: no spread (but the sqrt epsilon)
+    # each group of 4 gets its own value: the std over the group, averaged over channels and positions
+    expected = varied.view(2, 4, 5, 4, 4).var(1, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))
+    torch.testing.assert_close(out[:4, 5], expected[0].expand(4, 4, 4))
+    torch.testing.assert_close(out[4:, 5], expected[1].expand(4, 4, 4))
+    assert layer(varied[:6]).shape == (6, 6, 4, 4)  # 6 is no multiple of 4: the whole batch is one group
+    cfg = ModelConfig(text_dim=16, z_dim=8, cond_dim=8, ng=128, nd=4, num_stages=2, d_minibatch_std=4)
+    _, D = build_models(cfg, seed=0)
+    out = D[1](torch.rand(4, 3, 128, 128) * 2 - 1, torch.randn(4, 8), mismatched=torch.randn(4, 8))
+    assert out.uncond.shape == out.cond.shape == (4,) and out.align.shape == (4, 16)
+    # the logits depend on the rest of the batch only through that channel, and only with the switch on
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    D.eval()
+    first = D[0](images).uncond[0]
+    assert D[0](torch.cat([images[:1], images[:1].expand(3, -1, -1, -1)])).uncond[0] != first
+    plain = build_models(ModelConfig(**{**cfg.to_dict(), "d_minibatch_std": 0}), seed=0)[1].eval()
+    torch.testing.assert_close(plain[0](torch.cat([images[:1], images[:1].expand(3, -1, -1, -1)])).uncond[0],
+                               plain[0](images).uncond[0])
+    with pytest.raises(ValueError, match="d_minibatch_std"):
+        ModelConfig(d_minibatch_std=-1)
+
+
 def test_blur_keeps_a_constant_and_removes_a_2px_pattern():
     from helpers.network import Blur
 

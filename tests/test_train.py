@@ -428,7 +428,8 @@ def test_run_config_is_the_one_precedence_rule():
 @pytest.mark.parametrize("switches", [
     {"r1_weight": 1.0}, {"d_batches": "joint"}, {"clip_augment": True}, {"ma_gp_weight": 2.0},
     {"model": ModelConfig(**TINY, d_clip_head=True), "r1_weight": 1.0, "ma_gp_weight": 2.0},
-], ids=["r1", "joint-batches", "clip-augment", "ma-gp", "clip-head-with-penalties"])
+    {"model": ModelConfig(**TINY, d_clip_head=True, d_minibatch_std=2), "r1_weight": 1.0},
+], ids=["r1", "joint-batches", "clip-augment", "ma-gp", "clip-head-with-penalties", "minibatch-std-with-r1"])
 def test_recipe_switches_train_and_name_their_terms(trainer_and_batch, tiny_clip, switches):
     _, batch = trainer_and_batch
     trainer = Trainer(tiny_config(**switches), clip=tiny_clip)
