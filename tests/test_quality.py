@@ -163,6 +163,9 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
                                 real_pool_faces=100, clip=tiny_clip)
     colour = q["diversity"]["mean_colour_per_stage"]["64"]
     assert q["diversity"]["prompts"] > 0 and colour is not None and colour > 0 and colour != q["diversity"]["ratio"]
+    regions = q["diversity"]["regions"]
+    assert set(regions) == {"face", "border"} and all(v > 0 for v in regions.values())
+    assert regions["face"] != regions["border"] != q["diversity"]["ratio"]
     # the artifact index's real side is every held-out face at the last stage's size, diversity prompts or not
     from helpers.features import FeaturesDataset, downsample
 
@@ -170,6 +173,22 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     real = downsample(torch.stack([test.image(i) for i in range(len(test))]), 64)
     assert q["artifact_index"]["real"] == pytest.approx(quality.spectral_spikes(real), rel=1e-9)
     assert q["fine_detail"]["real"] == pytest.approx(quality.fine_detail_share(real), rel=1e-9)
+
+
+def test_region_masks_split_a_toy_face_into_its_box_and_the_border():
+    masks = quality.region_masks(64)
+    face, border = masks["face"], masks["border"]
+    assert face.sum() == 40 * 32 and border.sum() == 64 * 64 - 44 * 44 and not (face & border).any()
+    assert face[33, 32] and border[0, 0] and border[63, 32] and not border[32, 32]
+    wide = quality.region_masks(256)  # the same regions at another size
+    assert wide["face"].sum() == 16 * face.sum() and wide["border"].sum() == 16 * border.sum()
+    # real toy faces: the face's box holds the face (far from the image's mean there), the border barely
+    from helpers.attributes import to_tensor
+    from helpers.tools.train_classifier import toyface_arrays
+
+    images = to_tensor(toyface_arrays(16, seed=3, size=64)[0])
+    skin = (images - images.mean((2, 3), keepdim=True)).abs().mean(1)
+    assert skin[:, face].mean() > 1.2 * skin[:, border].mean()
 
 
 def test_eye_counts_of_a_measurement_compare_the_images_asked_for_eyeglasses_with_real_faces_wearing_them(

@@ -29,7 +29,8 @@ generator never saw), ``measure_quality`` reports:
   against);
 - **diversity ratio**: pairwise distance between seeds of one prompt over that of
   real faces with the same attributes (1 = as varied as real faces), at the last stage
-  and at each stage (where variety is lost), and for each image's mean colour alone;
+  and at each stage (where variety is lost), and for each image's mean colour alone, and
+  (``regions``) in the face's box and in the image's border on their own;
 - **condition probe** (``condition_probe``): how well a linear probe reads each
   attribute from the condition the generator's stages receive, from its mean and as
   sampled (with conditioning augmentation's noise): what G cannot know, it cannot draw;
@@ -70,6 +71,10 @@ FINE_DETAIL_CUTOFF = 0.25  # cycles per pixel: ``fine_detail`` reads the power o
 # 134 +- 10, its eyes 0.02-0.08 of its half-height above it and 0.38-0.46 of its half-width either side: rows
 # 59-72, columns 45-83 at 128 px), at a score that finds two eyes in about 9 of 10 real faces without glasses
 EYE_RESOLUTION, EYE_BAND, EYE_THRESHOLD = 128, (52, 80, 16, 112), 0.25
+# ``diversity["regions"]`` splits the 64 px pairwise distance into the face's box (rows and columns, top, bottom,
+# left, right, in 64 px units: a toy face's centre lies at 32 +- 3, 33.5 +- 2.5 and its skin reaches up to 14 px
+# to either side and 19 px up and down) and the border (10 px: background, and at the bottom the shirt and long hair)
+FACE_BOX, BORDER = (14, 54, 16, 48), 10
 DEFAULT_POINTS = (250, 500, 1000)
 
 
@@ -77,11 +82,24 @@ DEFAULT_POINTS = (250, 500, 1000)
 
 
 def pairwise_distance(images: Tensor) -> float:
-    """Mean pairwise RMS pixel distance of images [N, 3, H, W] in [-1, 1] (N >= 2)."""
+    """Mean pairwise RMS pixel distance of images [N, 3, H, W] (or any [N, ...] of their pixels) in [-1, 1] (N >= 2)."""
     flat = images.flatten(1).double()
     d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
     n = len(flat)
     return float(d.sum() / (n * (n - 1)))
+
+
+def region_masks(size: int) -> dict[str, Tensor]:
+    """Boolean [size, size] masks of a toy face's ``face`` box and the image's ``border`` (``FACE_BOX`` and
+    ``BORDER`` are in 64 px units, scaled to ``size``)."""
+    k = size / 64
+    top, bottom, left, right = (round(v * k) for v in FACE_BOX)
+    face = torch.zeros(size, size, dtype=torch.bool)
+    face[top:bottom, left:right] = True
+    b = round(BORDER * k)
+    border = torch.ones(size, size, dtype=torch.bool)
+    border[b:size - b, b:size - b] = False
+    return {"face": face, "border": border}
 
 
 def power_spectrum(images: Tensor) -> Tensor:
@@ -397,6 +415,8 @@ def measure_quality(
         if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
             real_pool[key].append(dequantize(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION)), channels_last=True))
     stage_d: list[list[float]] = [[] for _ in model.resolutions]  # every stage's images, judged at 64 px
+    region_d: dict[str, tuple[list[float], list[float]]] = {"face": ([], []), "border": ([], [])}  # gen, real
+    masks = region_masks(BASE_RESOLUTION)
     colour_d: list[list[float]] = [[] for _ in model.resolutions]  # ... and each image's mean colour only
     real_d, real_colour_d = [], []
     for k, i in enumerate(picks[:diversity_prompts].tolist()):
@@ -412,6 +432,10 @@ def measure_quality(
         alike = torch.stack(real_pool[key])  # not `real`: the artifact index below reads the test faces
         real_d.append(pairwise_distance(alike))
         real_colour_d.append(pairwise_distance(alike.mean((2, 3), keepdim=True)))
+        last = downsample(stages[-1], BASE_RESOLUTION)
+        for name, mask in masks.items():
+            region_d[name][0].append(pairwise_distance(last[:, :, mask]))
+            region_d[name][1].append(pairwise_distance(alike[:, :, mask]))
     gen_d = stage_d[-1]
     diversity: dict[str, Any] = dict(
         generated=float(np.mean(gen_d)) if gen_d else None,
@@ -427,6 +451,8 @@ def measure_quality(
     # an upper stage keeps the colours the stage below chose
     diversity["mean_colour_per_stage"] = {str(r): float(np.mean(d) / np.mean(real_colour_d)) if d else None
                                           for r, d in zip(model.resolutions, colour_d)}
+    # the last stage's ratio in the face's box and in the border: which of the two lacks variety
+    diversity["regions"] = {name: float(np.mean(g) / np.mean(r)) if g else None for name, (g, r) in region_d.items()}
 
     # What the condition carries: every caption of every held-out face.
     counts = torch.as_tensor(test.caption_counts)
