@@ -71,7 +71,7 @@ class MinibatchStd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         g = self.group if B % self.group == 0 else B
-        spread = x.float().view(-1, g, C, H, W).var(1, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))  # [B / g]
+        spread = x.float().view(-1, g, C, H, W).var(1, unbiased=False).add(1e-8).sqrt().flatten(1).mean(1)  # [B / g]
         extra = spread.repeat_interleave(g)[:, None, None, None].expand(B, 1, H, W).to(x.dtype)
         return torch.cat([x, extra], dim=1)
 
