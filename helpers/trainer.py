@@ -312,7 +312,8 @@ class Trainer:
                 terms[loss_name("g", "color")] = losses.color_consistency_loss(fakes.images)
                 total = total + cfg.color_consistency * terms[loss_name("g", "color")]
             if cfg.layout_consistency > 0 and len(fakes.images) > 1:
-                terms[loss_name("g", "layout")] = losses.layout_consistency_loss(fakes.images, size=fakes.images[0].shape[-1] // 2)
+                coarse = fakes.images[0].shape[-1] // 2  # 32 px: layout and colours, no details
+                terms[loss_name("g", "layout")] = losses.layout_consistency_loss(fakes.images, size=coarse)
                 total = total + cfg.layout_consistency * terms[loss_name("g", "layout")]
             if fakes.twins is not None:
                 k = fakes.twins[0].shape[0]

@@ -285,27 +285,18 @@ def test_mode_seeking_stages_choose_the_stages_it_averages(trainer_and_batch, ti
         tiny_config(mode_seeking_stages=[])
 
 
-def test_color_consistency_term(trainer_and_batch, tiny_clip):
+@pytest.mark.parametrize("switch, weight, name", [("color_consistency", 50.0, "loss/g/color"),
+                                                  ("layout_consistency", 10.0, "loss/g/layout")])
+def test_consistency_terms(trainer_and_batch, tiny_clip, switch, weight, name):
     _, batch = trainer_and_batch
-    values = Trainer(tiny_config(color_consistency=50.0), clip=tiny_clip).train_step(batch)
-    assert math.isfinite(values["loss/g/color"]) and values["loss/g/color"] > 0
-    assert "loss/g/color" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    values = Trainer(tiny_config(**{switch: weight}), clip=tiny_clip).train_step(batch)
+    assert math.isfinite(values[name]) and values[name] > 0
+    plain = Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
+    assert name not in plain
     # the weighted term is part of G's total
-    plain = Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
-    assert values["loss/g"] - plain["loss/g"] == pytest.approx(50.0 * values["loss/g/color"], rel=1e-3)
-    with pytest.raises(ValueError, match="color_consistency"):
-        tiny_config(color_consistency=-1.0)
-
-
-def test_layout_consistency_term(trainer_and_batch, tiny_clip):
-    _, batch = trainer_and_batch
-    values = Trainer(tiny_config(layout_consistency=10.0), clip=tiny_clip).train_step(batch)
-    assert math.isfinite(values["loss/g/layout"]) and values["loss/g/layout"] > 0
-    assert "loss/g/layout" not in Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
-    plain = Trainer(tiny_config(), clip=tiny_clip).train_step(batch)
-    assert values["loss/g"] - plain["loss/g"] == pytest.approx(10.0 * values["loss/g/layout"], rel=1e-3)
-    with pytest.raises(ValueError, match="layout_consistency"):
-        tiny_config(layout_consistency=-1.0)
+    assert values["loss/g"] - plain["loss/g"] == pytest.approx(weight * values[name], rel=1e-3)
+    with pytest.raises(ValueError, match=switch):
+        tiny_config(**{switch: -1.0})
 
 
 def test_language_free_step_and_pseudo_text_features(trainer_and_batch, tiny_clip):
