@@ -106,16 +106,26 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float | Tensor
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tensor, z_b: Tensor, *, eps: float = 1e-5) -> Tensor:
+def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tensor, z_b: Tensor, *,
+                      size: int | None = None, eps: float = 1e-5) -> Tensor:
     """MSGAN's mode-seeking term: 1 / (image distance / noise distance), averaged over stages.
 
     images_a[s], images_b[s]: [K, 3, H, W] in [-1, 1], generated from the same K texts
     with noise z_a and z_b [K, z_dim]. Per stage, the ratio is mean |a - b| / mean |z_a - z_b|;
     the loss is the mean over stages of 1 / (ratio + eps), large when G ignores z (mode
-    collapse) and small when different noise gives different images.
+    collapse) and small when different noise gives different images. With ``size``, both
+    images are first averaged down to ``size`` x ``size`` pixels (every side a multiple of
+    it): the distance then counts changes of layout and colour, not fine marks, which a
+    stage could otherwise add to look varied.
     """
     if len(images_a) != len(images_b) or not images_a:
         raise ValueError("images_a and images_b must be non-empty lists of the same length")
+    if size is not None:
+        bad = [tuple(img.shape[-2:]) for img in images_a if img.shape[-1] % size or img.shape[-2] % size]
+        if size < 1 or bad:
+            raise ValueError(f"mode_seeking_loss needs image sides that are multiples of size={size}, got {bad}")
+        images_a = [F.adaptive_avg_pool2d(a.float(), size) for a in images_a]
+        images_b = [F.adaptive_avg_pool2d(b.float(), size) for b in images_b]
     z_gap = (z_a.float() - z_b.float()).abs().mean()
     terms = [1.0 / ((a.float() - b.float()).abs().mean() / z_gap + eps) for a, b in zip(images_a, images_b)]
     return torch.stack(terms).mean()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .augment import parse_policy
-from .config import ModelConfig, dataclass_from_dict, model_preset
+from .config import BASE_RESOLUTION, ModelConfig, dataclass_from_dict, model_preset
 from .errors import UserError
 
 Overrides = dict[str, Any] | list[str] | tuple[str, ...]  # {"lr_g": 1e-4} or ["lr_g=1e-4"]
@@ -45,6 +45,8 @@ class TrainConfig:
     mode_seeking_weight: float = 0.0  # MSGAN term against mode collapse (0: off); costs G a quarter more images
     mode_seeking_stages: list[int] | None = None  # stages the mode-seeking term averages over (None: every stage,
     #   -1: the last); on toy faces [0] alone lost the upper stages' variety (README, "Measuring the recipe")
+    mode_seeking_size: int = 0  # the term's image distance at this size, every stage averaged down to it, where
+    #   layout and colours show and fine marks do not (0: each stage at its own size, MSGAN); divides 64
     temperature: float = 0.5  # tau of both InfoNCE losses (reference/LAFITE: 0.5)
     language_free: bool = False  # LAFITE: train on image features + noise instead of caption features
     pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
@@ -107,6 +109,9 @@ class TrainConfig:
             bad = [s for s in stages if not -n <= s < n]
             if bad:
                 raise ValueError(f"{name} {bad} out of range for {n} stages (use 0..{n - 1} or -1 for the last)")
+        if self.mode_seeking_size < 0 or self.mode_seeking_size and BASE_RESOLUTION % self.mode_seeking_size:
+            raise ValueError(f"mode_seeking_size must divide the first stage's {BASE_RESOLUTION} px (or be 0: each "
+                             f"stage at its own size), got {self.mode_seeking_size}")
         if self.mode_seeking_stages == []:
             raise ValueError("mode_seeking_stages must name at least one stage (or be null: every stage); "
                              "mode_seeking_weight=0 turns the term off")
@@ -126,7 +131,7 @@ class TrainConfig:
 # The training recipe's switches at the bootcamp's values (the `reference` preset; the quality harness's base).
 REFERENCE_RECIPE: dict[str, Any] = dict(
     temperature=0.5, r1_weight=0.0, ma_gp_weight=0.0, reg_every=1, clip_augment=False, d_batches="separate",
-    balance_attributes=0.0, ema_standing_stats=0, color_consistency=0.0, layout_consistency=0.0,
+    balance_attributes=0.0, ema_standing_stats=0, color_consistency=0.0, layout_consistency=0.0, mode_seeking_size=0,
 )
 
 

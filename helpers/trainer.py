@@ -319,7 +319,8 @@ class Trainer:
                 k = fakes.twins[0].shape[0]
                 stages = self.mode_seeking_stages
                 seeking = losses.mode_seeking_loss([fakes.images[s][:k] for s in stages],
-                                                   [fakes.twins[s] for s in stages], fakes.z[:k], fakes.twin_z)
+                                                   [fakes.twins[s] for s in stages], fakes.z[:k], fakes.twin_z,
+                                                   size=cfg.mode_seeking_size or None)
                 terms[loss_name("g", "mode_seeking")] = seeking
                 total = total + cfg.mode_seeking_weight * seeking
         terms[G_LOSS] = total

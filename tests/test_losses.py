@@ -111,6 +111,22 @@ def test_mode_seeking_loss_on_known_images():
         losses.mode_seeking_loss(a, b[:1], z_a, z_b)
 
 
+def test_mode_seeking_loss_at_a_coarse_size_ignores_fine_marks():
+    z_a, z_b = torch.zeros(1, 8), torch.ones(1, 8)
+    plain = torch.zeros(1, 3, 8, 8)
+    checker = (torch.arange(8).view(8, 1) + torch.arange(8)).remainder(2).float().expand(1, 3, 8, 8) - 0.5
+    # a 2 px pattern is far from a flat image at full size, and the same image at 4 px
+    assert losses.mode_seeking_loss([plain], [checker], z_a, z_b).item() == pytest.approx(2.0, rel=1e-4)
+    assert losses.mode_seeking_loss([plain], [checker], z_a, z_b, size=4).item() == pytest.approx(1e5)
+    # a change of layout (one half brighter) counts the same at either size
+    half = plain.clone()
+    half[..., :4] = 0.5
+    assert losses.mode_seeking_loss([plain], [half], z_a, z_b, size=4).item() == pytest.approx(4.0, rel=1e-4)
+    assert losses.mode_seeking_loss([plain], [half], z_a, z_b).item() == pytest.approx(4.0, rel=1e-4)
+    with pytest.raises(ValueError, match="multiples of size=3"):
+        losses.mode_seeking_loss([plain], [half], z_a, z_b, size=3)
+
+
 def test_color_statistics_on_known_images():
     two = torch.stack([torch.full((3, 4, 4), 0.5), torch.zeros(3, 4, 4)])
     two[1, 0, :2] = 1.0  # image 1, red channel: half the pixels 1, half 0

@@ -271,14 +271,19 @@ def test_mode_seeking_stages_choose_the_stages_it_averages(trainer_and_batch, ti
     seen = []
     real_loss = losses.mode_seeking_loss
 
-    def recording(images_a, images_b, z_a, z_b):
-        seen.append([a.shape[-1] for a in images_a])
-        return real_loss(images_a, images_b, z_a, z_b)
+    def recording(images_a, images_b, z_a, z_b, size=None):
+        seen.append(([a.shape[-1] for a in images_a], size))
+        return real_loss(images_a, images_b, z_a, z_b, size=size)
 
     monkeypatch.setattr(losses, "mode_seeking_loss", recording)
     for stages, sizes in ((None, [64, 128]), ([0], [64]), ([-1], [128])):
         Trainer(tiny_config(mode_seeking_weight=1.0, mode_seeking_stages=stages), clip=tiny_clip).train_step(batch)
-        assert seen.pop() == sizes
+        assert seen.pop() == (sizes, None)
+    # mode_seeking_size: every stage's distance at that size
+    Trainer(tiny_config(mode_seeking_weight=1.0, mode_seeking_size=32), clip=tiny_clip).train_step(batch)
+    assert seen.pop() == ([64, 128], 32)
+    with pytest.raises(ValueError, match="mode_seeking_size"):
+        tiny_config(mode_seeking_size=48)
     with pytest.raises(ValueError, match="mode_seeking_stages"):
         tiny_config(mode_seeking_stages=[5])
     with pytest.raises(ValueError, match="at least one stage"):
