@@ -166,6 +166,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
     regions = q["diversity"]["regions"]
     assert set(regions) == {"face", "border"} and all(v > 0 for v in regions.values())
     assert regions["face"] != regions["border"] != q["diversity"]["ratio"]
+    assert q["diversity"]["regions_per_stage"] == {"64": regions}  # every stage's; the last one's is ``regions``
     # the artifact index's real side is every held-out face at the last stage's size, diversity prompts or not
     from helpers.features import FeaturesDataset, downsample
 
@@ -204,6 +205,8 @@ def test_eye_counts_of_a_measurement_compare_the_images_asked_for_eyeglasses_wit
                                 real_pool_faces=10)
     eyes = q["eyes"]
     assert q["resolution"] == 128 and 0 <= eyes["distance"] <= 1
+    per_stage = q["diversity"]["regions_per_stage"]  # two stages: each one's regions, the last one's ``regions``
+    assert set(per_stage) == {"64", "128"} and per_stage["128"] == q["diversity"]["regions"]
     assert set(eyes["groups"]) == {"Eyeglasses", "no Eyeglasses"}
     test = FeaturesDataset(toy_features, split="test", num_stages=1)
     asked = sum(g["images"][0] for g in eyes["groups"].values())

@@ -30,7 +30,8 @@ generator never saw), ``measure_quality`` reports:
 - **diversity ratio**: pairwise distance between seeds of one prompt over that of
   real faces with the same attributes (1 = as varied as real faces), at the last stage
   and at each stage (where variety is lost), and for each image's mean colour alone, and
-  (``regions``) in the face's box and in the image's border on their own;
+  (``regions``, and ``regions_per_stage`` for every stage) in the face's box and in
+  the image's border on their own;
 - **condition probe** (``condition_probe``): how well a linear probe reads each
   attribute from the condition the generator's stages receive, from its mean and as
   sampled (with conditioning augmentation's noise): what G cannot know, it cannot draw;
@@ -415,8 +416,9 @@ def measure_quality(
         if key in needed and len(real_pool.setdefault(key, [])) < diversity_seeds:
             real_pool[key].append(dequantize(np.array(image.reduce(IMAGE_SIZE // BASE_RESOLUTION)), channels_last=True))
     stage_d: list[list[float]] = [[] for _ in model.resolutions]  # every stage's images, judged at 64 px
-    region_d: dict[str, tuple[list[float], list[float]]] = {"face": ([], []), "border": ([], [])}  # gen, real
     masks = region_masks(BASE_RESOLUTION)
+    region_d = [{name: [] for name in masks} for _ in model.resolutions]  # every stage's, in the face's box ...
+    region_real: dict[str, list[float]] = {name: [] for name in masks}  # ... and the border, and real faces'
     colour_d: list[list[float]] = [[] for _ in model.resolutions]  # ... and each image's mean colour only
     real_d, real_colour_d = [], []
     for k, i in enumerate(picks[:diversity_prompts].tolist()):
@@ -427,15 +429,16 @@ def measure_quality(
         first = seed + len(seed_list) + k * diversity_seeds  # noise no other prompt or image shares
         stages = generate_from_features(model, feat, list(range(first, first + diversity_seeds)))
         for s, g in enumerate(stages):
-            stage_d[s].append(pairwise_distance(downsample(g, BASE_RESOLUTION)))
+            small = downsample(g, BASE_RESOLUTION)
+            stage_d[s].append(pairwise_distance(small))
             colour_d[s].append(pairwise_distance(g.mean((2, 3), keepdim=True)))
+            for name, mask in masks.items():
+                region_d[s][name].append(pairwise_distance(small[:, :, mask]))
         alike = torch.stack(real_pool[key])  # not `real`: the artifact index below reads the test faces
         real_d.append(pairwise_distance(alike))
         real_colour_d.append(pairwise_distance(alike.mean((2, 3), keepdim=True)))
-        last = downsample(stages[-1], BASE_RESOLUTION)
         for name, mask in masks.items():
-            region_d[name][0].append(pairwise_distance(last[:, :, mask]))
-            region_d[name][1].append(pairwise_distance(alike[:, :, mask]))
+            region_real[name].append(pairwise_distance(alike[:, :, mask]))
     gen_d = stage_d[-1]
     diversity: dict[str, Any] = dict(
         generated=float(np.mean(gen_d)) if gen_d else None,
@@ -451,8 +454,12 @@ def measure_quality(
     # an upper stage keeps the colours the stage below chose
     diversity["mean_colour_per_stage"] = {str(r): float(np.mean(d) / np.mean(real_colour_d)) if d else None
                                           for r, d in zip(model.resolutions, colour_d)}
-    # the last stage's ratio in the face's box and in the border: which of the two lacks variety
-    diversity["regions"] = {name: float(np.mean(g) / np.mean(r)) if g else None for name, (g, r) in region_d.items()}
+    # the ratio in the face's box and in the border, for every stage (``regions``: the last one's): which of the
+    # two lacks variety, and at which stage it is lost
+    diversity["regions_per_stage"] = {
+        str(r): {name: float(np.mean(d[name]) / np.mean(region_real[name])) if d[name] else None for name in masks}
+        for r, d in zip(model.resolutions, region_d)}
+    diversity["regions"] = diversity["regions_per_stage"][str(model.resolutions[-1])]
 
     # What the condition carries: every caption of every held-out face.
     counts = torch.as_tensor(test.caption_counts)
