@@ -106,6 +106,15 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, *, temperature: float | Tensor
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def average_down(images: list[Tensor], size: int, *, caller: str) -> list[Tensor]:
+    """Every image batch [B, 3, H, W] averaged over blocks down to [B, 3, size, size] (fp32), where a face's
+    layout and colours show and its fine marks do not; every side must be a multiple of ``size``."""
+    bad = [tuple(img.shape[-2:]) for img in images if img.shape[-1] % size or img.shape[-2] % size]
+    if size < 1 or bad:
+        raise ValueError(f"{caller} needs image sides that are multiples of size={size}, got {bad}")
+    return [F.adaptive_avg_pool2d(img.float(), size) for img in images]
+
+
 def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tensor, z_b: Tensor, *,
                       size: int | None = None, eps: float = 1e-5) -> Tensor:
     """MSGAN's mode-seeking term: 1 / (image distance / noise distance), averaged over stages.
@@ -121,11 +130,8 @@ def mode_seeking_loss(images_a: list[Tensor], images_b: list[Tensor], z_a: Tenso
     if len(images_a) != len(images_b) or not images_a:
         raise ValueError("images_a and images_b must be non-empty lists of the same length")
     if size is not None:
-        bad = [tuple(img.shape[-2:]) for img in images_a if img.shape[-1] % size or img.shape[-2] % size]
-        if size < 1 or bad:
-            raise ValueError(f"mode_seeking_loss needs image sides that are multiples of size={size}, got {bad}")
-        images_a = [F.adaptive_avg_pool2d(a.float(), size) for a in images_a]
-        images_b = [F.adaptive_avg_pool2d(b.float(), size) for b in images_b]
+        images_a = average_down(images_a, size, caller="mode_seeking_loss")
+        images_b = average_down(images_b, size, caller="mode_seeking_loss")
     z_gap = (z_a.float() - z_b.float()).abs().mean()
     terms = [1.0 / ((a.float() - b.float()).abs().mean() / z_gap + eps) for a, b in zip(images_a, images_b)]
     return torch.stack(terms).mean()
@@ -166,13 +172,10 @@ def layout_consistency_loss(images: list[Tensor], *, size: int) -> Tensor:
     frames) do not. The lower stage is detached, as in ``color_consistency_loss``: the
     upper stage refines the picture below instead of drawing its own. One stage gives 0.
     """
-    bad = [tuple(img.shape[-2:]) for img in images if img.shape[-1] % size or img.shape[-2] % size]
-    if size < 1 or bad:
-        raise ValueError(f"layout_consistency_loss needs image sides that are multiples of size={size}, got {bad}")
+    coarse = average_down(images, size, caller="layout_consistency_loss")
     total = images[0].new_zeros((), dtype=torch.float32)
-    for lower, upper in itertools.pairwise(images):
-        coarse_l = F.adaptive_avg_pool2d(lower.detach().float(), size)
-        total = total + (F.adaptive_avg_pool2d(upper.float(), size) - coarse_l).abs().mean()
+    for lower, upper in itertools.pairwise(coarse):
+        total = total + (upper - lower.detach()).abs().mean()
     return total
 
 
