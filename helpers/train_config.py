@@ -51,6 +51,7 @@ class TrainConfig:
     language_free: bool = False  # LAFITE: train on image features + noise instead of caption features
     pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
     diffaugment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
+    diffaugment_stages: list[int] | None = None  # stages whose D sees the policy (None: every stage, -1: the last)
     ema_decay: float = 0.999  # G_ema <- decay * G_ema + (1 - decay) * G (ramped up over the first steps)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); ignored on CPU
     channels_last: bool = False  # NHWC memory layout for convolutions (faster on recent GPUs, and on the CPU
@@ -85,6 +86,8 @@ class TrainConfig:
         self.clip_stages = [int(s) for s in self.clip_stages]
         if self.mode_seeking_stages is not None:
             self.mode_seeking_stages = [int(s) for s in self.mode_seeking_stages]
+        if self.diffaugment_stages is not None:
+            self.diffaugment_stages = [int(s) for s in self.diffaugment_stages]
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (BatchNorm and InfoNCE need a batch), got {self.batch_size}")
         if self.steps is not None and self.steps < 0 or self.epochs < 0:
@@ -105,7 +108,8 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         n = self.model.num_stages
-        for name, stages in (("clip_stages", self.clip_stages), ("mode_seeking_stages", self.mode_seeking_stages or [])):
+        for name, stages in (("clip_stages", self.clip_stages), ("mode_seeking_stages", self.mode_seeking_stages or []),
+                             ("diffaugment_stages", self.diffaugment_stages or [])):
             bad = [s for s in stages if not -n <= s < n]
             if bad:
                 raise ValueError(f"{name} {bad} out of range for {n} stages (use 0..{n - 1} or -1 for the last)")
@@ -115,6 +119,9 @@ class TrainConfig:
         if self.mode_seeking_stages == []:
             raise ValueError("mode_seeking_stages must name at least one stage (or be null: every stage); "
                              "mode_seeking_weight=0 turns the term off")
+        if self.diffaugment_stages == []:
+            raise ValueError("diffaugment_stages must name at least one stage (or be null: every stage); "
+                             "diffaugment='' turns the augmentation off")
         parse_policy(self.diffaugment)
 
     def to_dict(self) -> dict[str, Any]:

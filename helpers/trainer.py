@@ -146,6 +146,7 @@ class Trainer:
         self.clip_stages = sorted({s % cfg.model.num_stages for s in cfg.clip_stages}) if cfg.clip_weight > 0 else []
         every = range(cfg.model.num_stages)
         self.mode_seeking_stages = sorted({s % cfg.model.num_stages for s in cfg.mode_seeking_stages or every})
+        self.diffaugment_stages = sorted({s % cfg.model.num_stages for s in cfg.diffaugment_stages or every})
         self.step = 0
         self.sync: Any = None  # a distributed.Distributed under torchrun (set by its prepare()); None: one process
 
@@ -154,8 +155,11 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
-    def _augment(self, images: Tensor) -> Tensor:
-        return diff_augment(images, self.cfg.diffaugment, generator=self.generator) if self.cfg.diffaugment else images
+    def _augment(self, images: Tensor, stage: int) -> Tensor:
+        """What stage ``stage``'s D sees of ``images`` [B, 3, H, W]: DiffAugment's policy, where it applies."""
+        if not self.cfg.diffaugment or stage not in self.diffaugment_stages:
+            return images
+        return diff_augment(images, self.cfg.diffaugment, generator=self.generator)
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -251,14 +255,14 @@ class Trainer:
             disc.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
             with self.autocast():
-                real_in = self._augment(batch["real"][i])
+                real_in = self._augment(batch["real"][i], i)
                 cond_in = condition
                 if r1_on or ma_gp_on:  # the penalties differentiate D's verdict on the real images
                     real_in = real_in.detach().requires_grad_(True)
                 if ma_gp_on:  # ... and, for MA-GP, on their matching condition
                     cond_in = condition.clone().requires_grad_(True)
                 # detached: the D loss must not backpropagate into G (and G's graph stays for the G step)
-                fake_in = self._augment(fakes.images[i].detach())
+                fake_in = self._augment(fakes.images[i].detach(), i)
                 real, fake = self._judge(disc, real_in, fake_in, cond_in, mismatched)
                 r1 = losses.r1_penalty(real.uncond + real.cond, real_in, scale=scale) if r1_on else None
                 ma_gp = losses.matching_aware_penalty(real.cond, real_in, cond_in, scale=scale) if ma_gp_on else None
@@ -297,7 +301,7 @@ class Trainer:
         terms: dict[str, Tensor] = {}
         with self.autocast():
             for i, disc in enumerate(self.D):
-                fake = disc.heads(disc.features(self._augment(fakes.images[i])), condition, align=cfg.align_weight > 0)
+                fake = disc.heads(disc.features(self._augment(fakes.images[i], i)), condition, align=cfg.align_weight > 0)
                 clip_emb = None
                 if i in self.clip_stages:
                     shown = random_resized_crop(fakes.images[i], self.generator) if cfg.clip_augment else fakes.images[i]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import losses
+from helpers import trainer as trainer_module
 from helpers.__main__ import main
 from helpers.checkpoint import CHECKPOINT_FORMAT, export_generator, load_checkpoint, prune_snapshots
 from helpers.config import ModelConfig
@@ -288,6 +289,27 @@ def test_mode_seeking_stages_choose_the_stages_it_averages(trainer_and_batch, ti
         tiny_config(mode_seeking_stages=[5])
     with pytest.raises(ValueError, match="at least one stage"):
         tiny_config(mode_seeking_stages=[])
+
+
+def test_diffaugment_stages_choose_the_stages_whose_d_sees_augmented_images(trainer_and_batch, tiny_clip,
+                                                                           monkeypatch):
+    _, batch = trainer_and_batch
+    seen = []
+    real_augment = trainer_module.diff_augment
+
+    def recording(images, policy, *, generator=None):
+        seen.append(images.shape[-1])
+        return real_augment(images, policy, generator=generator)
+
+    monkeypatch.setattr(trainer_module, "diff_augment", recording)
+    for stages, sizes in ((None, {64, 128}), ([0], {64}), ([-1], {128}), ([1], {128})):
+        Trainer(tiny_config(diffaugment_stages=stages), clip=tiny_clip).train_step(batch)
+        assert set(seen) == sizes, stages
+        seen.clear()
+    with pytest.raises(ValueError, match="diffaugment_stages"):
+        tiny_config(diffaugment_stages=[2])
+    with pytest.raises(ValueError, match="at least one stage"):
+        tiny_config(diffaugment_stages=[])
 
 
 @pytest.mark.parametrize("switch, weight, name", [("color_consistency", 50.0, "loss/g/color"),
