@@ -105,13 +105,15 @@ def parse_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: Tensor, policy: str = "color,translation,cutout", *, generator: torch.Generator | None = None) -> Tensor:
+def diff_augment(x: Tensor, policy: str = "color,translation,cutout", *, generator: torch.Generator | None = None,
+                 translation: float = 0.125) -> Tensor:
     """Augment images [B, 3, H, W] (any range, usually [-1, 1]) -> same shape, differentiable.
 
     ``policy`` is a comma-separated subset of ``color``, ``translation``,
     ``cutout`` applied in that order; an empty policy returns ``x`` unchanged.
+    ``translation`` bounds the shift as a fraction of the image's size (DiffAugment's 1/8).
     """
     for name in parse_policy(policy):
         for fn in POLICIES[name]:
-            x = fn(x, generator)
+            x = fn(x, generator, ratio=translation) if fn is rand_translation else fn(x, generator)
     return x

@@ -52,6 +52,7 @@ class TrainConfig:
     pseudo_text_noise: float = 0.5  # xi: relative noise level of the pseudo text features (language-free only)
     diffaugment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
     diffaugment_stages: list[int] | None = None  # stages whose D sees the policy (None: every stage, -1: the last)
+    diffaugment_translation: float = 0.125  # the policy's largest shift, a fraction of the image (DiffAugment: 1/8)
     ema_decay: float = 0.999  # G_ema <- decay * G_ema + (1 - decay) * G (ramped up over the first steps)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); ignored on CPU
     channels_last: bool = False  # NHWC memory layout for convolutions (faster on recent GPUs, and on the CPU
@@ -119,6 +120,9 @@ class TrainConfig:
         if self.mode_seeking_stages == []:
             raise ValueError("mode_seeking_stages must name at least one stage (or be null: every stage); "
                              "mode_seeking_weight=0 turns the term off")
+        if not 0 < self.diffaugment_translation <= 0.5:
+            raise ValueError(f"diffaugment_translation must be in (0, 0.5] (a fraction of the image's size), "
+                             f"got {self.diffaugment_translation}")
         if self.diffaugment_stages == []:
             raise ValueError("diffaugment_stages must name at least one stage (or be null: every stage); "
                              "diffaugment='' turns the augmentation off")

@@ -159,7 +159,8 @@ class Trainer:
         """What stage ``stage``'s D sees of ``images`` [B, 3, H, W]: DiffAugment's policy, where it applies."""
         if not self.cfg.diffaugment or stage not in self.diffaugment_stages:
             return images
-        return diff_augment(images, self.cfg.diffaugment, generator=self.generator)
+        return diff_augment(images, self.cfg.diffaugment, generator=self.generator,
+                            translation=self.cfg.diffaugment_translation)
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

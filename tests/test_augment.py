@@ -43,6 +43,17 @@ def test_translation_moves_content_and_cutout_zeroes_a_square():
     assert torch.equal(cut[:, 0] == 0, cut[:, 2] == 0)  # the same square in every channel
 
 
+def test_translation_ratio_bounds_the_shift():
+    x = torch.zeros(64, 1, 64, 64)
+    x[:, :, 32, 32] = 1  # one lit pixel per image
+    g = torch.Generator().manual_seed(0)
+    for translation, most in ((1 / 64, 1), (0.125, 8)):
+        moved = diff_augment(x, "translation", generator=g, translation=translation)
+        where = moved[:, 0].flatten(1).argmax(1)
+        dy, dx = where // 64 - 32, where % 64 - 32
+        assert dy.abs().max() == most and dx.abs().max() == most  # every shift up to the bound, none beyond
+
+
 def test_unknown_policy_is_a_clear_error():
     assert parse_policy(" color , cutout ") == ["color", "cutout"]
     with pytest.raises(ValueError, match="unknown DiffAugment policy"):

@@ -294,20 +294,27 @@ def test_mode_seeking_stages_choose_the_stages_it_averages(trainer_and_batch, ti
 def test_diffaugment_stages_choose_the_stages_whose_d_sees_augmented_images(trainer_and_batch, tiny_clip,
                                                                            monkeypatch):
     _, batch = trainer_and_batch
-    seen = []
+    seen, ratios = [], []
     real_augment = trainer_module.diff_augment
 
-    def recording(images, policy, *, generator=None):
+    def recording(images, policy, *, generator=None, translation=0.125):
         seen.append(images.shape[-1])
-        return real_augment(images, policy, generator=generator)
+        ratios.append(translation)
+        return real_augment(images, policy, generator=generator, translation=translation)
 
     monkeypatch.setattr(trainer_module, "diff_augment", recording)
     for stages, sizes in ((None, {64, 128}), ([0], {64}), ([-1], {128}), ([1], {128})):
         Trainer(tiny_config(diffaugment_stages=stages), clip=tiny_clip).train_step(batch)
         assert set(seen) == sizes, stages
         seen.clear()
+    assert set(ratios) == {0.125}  # DiffAugment's 1/8 unless told
+    Trainer(tiny_config(diffaugment_translation=1 / 64), clip=tiny_clip).train_step(batch)
+    assert ratios[-1] == 1 / 64
     with pytest.raises(ValueError, match="diffaugment_stages"):
         tiny_config(diffaugment_stages=[2])
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match="diffaugment_translation"):
+            tiny_config(diffaugment_translation=bad)
     with pytest.raises(ValueError, match="at least one stage"):
         tiny_config(diffaugment_stages=[])
 
