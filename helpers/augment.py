@@ -106,14 +106,20 @@ def parse_policy(policy: str) -> list[str]:
 
 
 def diff_augment(x: Tensor, policy: str = "color,translation,cutout", *, generator: torch.Generator | None = None,
-                 translation: float = 0.125) -> Tensor:
+                 translation: float = 0.125, probability: float = 1.0) -> Tensor:
     """Augment images [B, 3, H, W] (any range, usually [-1, 1]) -> same shape, differentiable.
 
     ``policy`` is a comma-separated subset of ``color``, ``translation``,
     ``cutout`` applied in that order; an empty policy returns ``x`` unchanged.
     ``translation`` bounds the shift as a fraction of the image's size (DiffAugment's 1/8).
+    ``probability``: each image gets each augmentation with this chance and passes through it
+    unchanged otherwise (ADA, Karras et al. 2020: below 1, D also sees images as they are, so G
+    cannot match the real faces' augmented distribution without matching their own, e.g. where
+    the faces sit); 1 (DiffAugment) draws exactly as without it.
     """
     for name in parse_policy(policy):
         for fn in POLICIES[name]:
-            x = fn(x, generator, ratio=translation) if fn is rand_translation else fn(x, generator)
+            apply = _rand(x, generator) < probability if probability < 1 else None  # [B, 1, 1, 1]
+            out = fn(x, generator, ratio=translation) if fn is rand_translation else fn(x, generator)
+            x = out if apply is None else torch.where(apply, out, x)
     return x

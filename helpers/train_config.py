@@ -53,6 +53,7 @@ class TrainConfig:
     diffaugment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off
     diffaugment_stages: list[int] | None = None  # stages whose D sees the policy (None: every stage, -1: the last)
     diffaugment_translation: float = 0.125  # the policy's largest shift, a fraction of the image (DiffAugment: 1/8)
+    diffaugment_probability: float = 1.0  # each image's chance of each augmentation (DiffAugment: 1; ADA: below 1)
     ema_decay: float = 0.999  # G_ema <- decay * G_ema + (1 - decay) * G (ramped up over the first steps)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); ignored on CPU
     channels_last: bool = False  # NHWC memory layout for convolutions (faster on recent GPUs, and on the CPU
@@ -123,6 +124,9 @@ class TrainConfig:
         if not 0 < self.diffaugment_translation <= 0.5:
             raise ValueError(f"diffaugment_translation must be in (0, 0.5] (a fraction of the image's size), "
                              f"got {self.diffaugment_translation}")
+        if not 0 < self.diffaugment_probability <= 1:
+            raise ValueError(f"diffaugment_probability must be in (0, 1] (each image's chance of each augmentation), "
+                             f"got {self.diffaugment_probability}")
         if self.diffaugment_stages == []:
             raise ValueError("diffaugment_stages must name at least one stage (or be null: every stage); "
                              "diffaugment='' turns the augmentation off")

@@ -159,8 +159,9 @@ class Trainer:
         """What stage ``stage``'s D sees of ``images`` [B, 3, H, W]: DiffAugment's policy, where it applies."""
         if not self.cfg.diffaugment or stage not in self.diffaugment_stages:
             return images
-        return diff_augment(images, self.cfg.diffaugment, generator=self.generator,
-                            translation=self.cfg.diffaugment_translation)
+        cfg = self.cfg
+        return diff_augment(images, cfg.diffaugment, generator=self.generator, translation=cfg.diffaugment_translation,
+                            probability=cfg.diffaugment_probability)
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

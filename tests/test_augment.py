@@ -54,6 +54,22 @@ def test_translation_ratio_bounds_the_shift():
         assert dy.abs().max() == most and dx.abs().max() == most  # every shift up to the bound, none beyond
 
 
+def test_probability_leaves_the_other_images_as_they_are():
+    x = torch.zeros(400, 1, 32, 32)
+    x[:, :, 16, 16] = 1
+    always = diff_augment(x, "translation", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(always, diff_augment(x, "translation", generator=torch.Generator().manual_seed(0),
+                                            probability=1.0))  # 1: the same draws as without it
+    for p, low, high in ((0.5, 0.40, 0.60), (0.0, 0.0, 0.0)):
+        out = diff_augment(x, "translation", generator=torch.Generator().manual_seed(0), probability=p)
+        moved = (out != x).flatten(1).any(1).float().mean().item()
+        assert low <= moved <= high, (p, moved)  # about p of the images shifted, the rest untouched
+    y = images(b=64, size=16).requires_grad_(True)
+    out = diff_augment(y, "color,translation,cutout", generator=torch.Generator().manual_seed(0), probability=0.5)
+    out.sum().backward()
+    assert (out == y).flatten(1).all(1).any() and y.grad.abs().sum() > 0  # some images pass through every part
+
+
 def test_unknown_policy_is_a_clear_error():
     assert parse_policy(" color , cutout ") == ["color", "cutout"]
     with pytest.raises(ValueError, match="unknown DiffAugment policy"):

@@ -294,22 +294,25 @@ def test_mode_seeking_stages_choose_the_stages_it_averages(trainer_and_batch, ti
 def test_diffaugment_stages_choose_the_stages_whose_d_sees_augmented_images(trainer_and_batch, tiny_clip,
                                                                            monkeypatch):
     _, batch = trainer_and_batch
-    seen, ratios = [], []
+    seen, ratios, chances = [], [], []
     real_augment = trainer_module.diff_augment
 
-    def recording(images, policy, *, generator=None, translation=0.125):
+    def recording(images, policy, *, generator=None, translation=0.125, probability=1.0):
         seen.append(images.shape[-1])
         ratios.append(translation)
-        return real_augment(images, policy, generator=generator, translation=translation)
+        chances.append(probability)
+        return real_augment(images, policy, generator=generator, translation=translation, probability=probability)
 
     monkeypatch.setattr(trainer_module, "diff_augment", recording)
     for stages, sizes in ((None, {64, 128}), ([0], {64}), ([-1], {128}), ([1], {128})):
         Trainer(tiny_config(diffaugment_stages=stages), clip=tiny_clip).train_step(batch)
         assert set(seen) == sizes, stages
         seen.clear()
-    assert set(ratios) == {0.125}  # DiffAugment's 1/8 unless told
+    assert set(ratios) == {0.125} and set(chances) == {1.0}  # DiffAugment's 1/8, every image, unless told
     Trainer(tiny_config(diffaugment_translation=1 / 64), clip=tiny_clip).train_step(batch)
     assert ratios[-1] == 1 / 64
+    Trainer(tiny_config(diffaugment_probability=0.5), clip=tiny_clip).train_step(batch)
+    assert chances[-1] == 0.5
     with pytest.raises(ValueError, match="diffaugment_stages"):
         tiny_config(diffaugment_stages=[2])
     for bad in (0.0, 0.6):
@@ -317,6 +320,9 @@ def test_diffaugment_stages_choose_the_stages_whose_d_sees_augmented_images(trai
             tiny_config(diffaugment_translation=bad)
     with pytest.raises(ValueError, match="at least one stage"):
         tiny_config(diffaugment_stages=[])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="diffaugment_probability"):
+            tiny_config(diffaugment_probability=bad)
 
 
 @pytest.mark.parametrize("switch, weight, name", [("color_consistency", 50.0, "loss/g/color"),
