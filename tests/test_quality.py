@@ -238,6 +238,17 @@ def test_the_condition_probe_sees_what_the_noise_hides(ca_noise):
         assert probe["sampled"] == probe["mean"]
 
 
+def test_the_base_is_the_reference_recipe_with_the_schedule_the_tables_were_measured_with():
+    # The README's harness tables compare every variant with one base; the demo build's own schedule
+    # (no translation, the mode-seeking term x3 on the 64 px stage) must not move it.
+    base = quality.variant_config([], steps=10)
+    assert (base.diffaugment, base.mode_seeking_weight, base.mode_seeking_stages) == ("translation", 1.0, None)
+    assert (base.balance_attributes, base.model.z_every_stage, base.model.upsample, base.r1_weight) == (
+        0.0, False, "deconv", 0.0)
+    variant = quality.variant_config(["diffaugment=", "mode_seeking_stages=[0]"], steps=10)
+    assert (variant.diffaugment, variant.mode_seeking_stages) == ("", [0])
+
+
 def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_features, tiny_clip, tmp_path,
                                                                          monkeypatch):
     measured = []
