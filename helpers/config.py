@@ -157,7 +157,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "faces": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3, upsample="nearest_glu",
                   ca_init_gain=1.0, ca_noise=0.0, d_clip_head=True),
     "demo": dict(text_dim=256, z_dim=64, cond_dim=64, ng=256, nd=8, num_stages=3, upsample="nearest_glu",
-                 upper_upsample="bilinear_glu", ca_init_gain=1.0, ca_noise=0.0, d_clip_head=True),
+                 upper_upsample="bilinear_glu", ca_init_gain=1.0, ca_noise=0.0, d_clip_head=True, z_every_stage=True),
     # the bootcamp's network exactly (its bugs fixed), every recipe switch at its reference value
     "reference": dict(text_dim=512, z_dim=100, cond_dim=128, ng=1024, nd=64, num_stages=3, **REFERENCE_MODEL_RECIPE),
 }

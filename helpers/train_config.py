@@ -175,7 +175,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         batch_size=16, steps=2000, diffaugment="color,translation,cutout", channels_last=True,
         log_every=10, preview_every=100, checkpoint_every=100, snapshot_every=500,
-        r1_weight=0.05, reg_every=4, clip_augment=True, balance_attributes=0.5, ema_standing_stats=50,
+        r1_weight=0.05, reg_every=4, clip_augment=True, balance_attributes=0.75, ema_standing_stats=50,
     ),
 }
 
