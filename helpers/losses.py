@@ -8,7 +8,8 @@ with cross-entropy and averaged over the batch (the bootcamp reference summed
 them, which tied their scale to the batch size). The mode-seeking term is
 MSGAN's (Mao et al. 2019): it rewards images that move when only the noise does.
 The colour-consistency term is StackGAN-v2's (Zhang et al. 2018): each upper stage
-keeps the colour statistics of the stage below it.
+keeps the colour statistics of the stage below it. The spectral term follows Durall
+et al. (2020): the last stage's mean radial power spectrum follows the real batch's.
 
 ``d_stage_losses`` and ``g_stage_losses`` assemble one stage's terms from the
 discriminator heads' record (``network.DiscOutput``); each returns a dict of
@@ -177,6 +178,45 @@ def layout_consistency_loss(images: list[Tensor], *, size: int) -> Tensor:
     for lower, upper in itertools.pairwise(coarse):
         total = total + (upper - lower.detach()).abs().mean()
     return total
+
+
+def radial_spectrum(images: Tensor) -> Tensor:
+    """The mean radial power spectrum of images [B, 3, H, H] in [-1, 1] -> [H // 2 + 1] (fp32, sums to 1).
+
+    Each image is made grey and its mean removed; its power spectrum (``torch.fft.fft2``) is
+    summed over rings of integer radius (in cycles per image, along the axes up to H / 2, the
+    sampling rate's half: the corners beyond it are left out) and divided by its total over those
+    rings, so the result says how the images' power is shared between coarse and fine frequencies,
+    not how much power they hold; then averaged over the batch.
+    """
+    size = images.shape[-1]
+    grey = images.float().mean(1)
+    grey = grey - grey.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.fft2(grey).abs().pow(2)  # [B, H, H]
+    f = torch.fft.fftfreq(size, d=1.0 / size, device=images.device)
+    ring = (f[:, None] ** 2 + f[None, :] ** 2).sqrt().round().long().flatten()
+    inside = ring <= size // 2
+    rings = images.new_zeros((power.shape[0], size // 2 + 1), dtype=torch.float32)
+    rings = rings.index_add(1, ring[inside], power.flatten(1)[:, inside])
+    rings = rings / rings.sum(1, keepdim=True).clamp_min(1e-12)
+    return rings.mean(0)
+
+
+def spectrum_loss(fake: Tensor, real: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """How differently fake and real images [B, 3, H, H] in [-1, 1] share their power across frequencies.
+
+    The mean squared difference of the logarithms of their ``radial_spectrum`` over its rings (the
+    radius-0 ring, the images' mean, is removed before and left out): 0 when the generated images are
+    as smooth or as sharp as the real ones, ring by ring; a generator short of fine detail pays at
+    the outer rings, where its share falls off decades below real faces'. Durall et al. (2020,
+    "Watch your up-convolution") add such a term so that G reproduces real images' spectra; the
+    real side is detached.
+    """
+    if fake.shape[-2:] != real.shape[-2:] or fake.shape[-1] != fake.shape[-2]:
+        raise ValueError(f"spectrum_loss needs square images of one size, got {tuple(fake.shape)} and "
+                         f"{tuple(real.shape)}")
+    ours, theirs = radial_spectrum(fake)[1:], radial_spectrum(real.detach())[1:]
+    return ((ours + eps).log() - (theirs + eps).log()).pow(2).mean()
 
 
 # --------------------------------------------------------------------------- one stage, assembled

@@ -79,6 +79,8 @@ class TrainConfig:
     #   upper stage keeps the per-image colour mean and covariance of the stage below (covariance x 5)
     layout_consistency: float = 0.0  # weight of the layout-consistency term (0: off): every upper stage keeps the
     #   picture of the stage below at half the first stage's resolution (L1 at 32 px), where layout and colours show
+    spectral_weight: float = 0.0  # weight of the spectral term (0: off): the last stage's mean radial power
+    #   spectrum follows the real batch's (losses.spectrum_loss; Durall et al. 2020), so G is asked for fine detail
     ema_standing_stats: int = 0  # batches of text features that recompute G_ema's BatchNorm statistics for its
     #   weights before every save (0: G's statistics, copied, as the reference)
 
@@ -102,9 +104,9 @@ class TrainConfig:
         if self.d_batches not in ("separate", "joint"):
             raise ValueError(f"d_batches must be 'separate' or 'joint', got {self.d_batches!r}")
         if min(self.r1_weight, self.ema_standing_stats, self.ma_gp_weight, self.balance_attributes,
-               self.color_consistency, self.layout_consistency) < 0:
-            raise ValueError("r1_weight, ma_gp_weight, balance_attributes, color_consistency, layout_consistency and "
-                             "ema_standing_stats must be >= 0")
+               self.color_consistency, self.layout_consistency, self.spectral_weight) < 0:
+            raise ValueError("r1_weight, ma_gp_weight, balance_attributes, color_consistency, layout_consistency, "
+                             "spectral_weight and ema_standing_stats must be >= 0")
         if self.reg_every < 1:
             raise ValueError(f"reg_every must be >= 1, got {self.reg_every}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -147,6 +149,7 @@ class TrainConfig:
 REFERENCE_RECIPE: dict[str, Any] = dict(
     temperature=0.5, r1_weight=0.0, ma_gp_weight=0.0, reg_every=1, clip_augment=False, d_batches="separate",
     balance_attributes=0.0, ema_standing_stats=0, color_consistency=0.0, layout_consistency=0.0, mode_seeking_size=0,
+    spectral_weight=0.0,
 )
 
 

@@ -12,12 +12,13 @@ et al. 2022) and the EMA generator of StyleGAN (Karras et al.). One step:
 3. G step: the same fakes, not detached, through the updated discriminators
    (their weights frozen for this backward), plus the CLIP loss at the configured
    stages, the KL term and (when on) MSGAN's mode-seeking term and StackGAN-v2's
-   colour consistency and the layout consistency between stages; G steps and the
-   EMA copy follows.
+   colour consistency, the layout consistency between stages and the last stage's
+   spectral term; G steps and the EMA copy follows.
 
 Loss terms come from the pure functions of ``losses`` and are returned under
 hierarchical names: ``loss/d``, ``loss/d/stage0``, ``loss/d/stage0/cond``, ...,
-``loss/g``, ``loss/g/stage0/adv``, ``loss/g/kl``, ``loss/g/mode_seeking``, ``loss/g/color``, ``loss/g/layout``.
+``loss/g``, ``loss/g/stage0/adv``, ``loss/g/kl``, ``loss/g/mode_seeking``, ``loss/g/color``, ``loss/g/layout``,
+``loss/g/spectrum``.
 Everything random in a step draws from one ``torch.Generator`` (saved in the
 checkpoint), so a resumed run continues the same stream.
 """
@@ -321,6 +322,9 @@ class Trainer:
                 coarse = fakes.images[0].shape[-1] // 2  # 32 px: layout and colours, no details
                 terms[loss_name("g", "layout")] = losses.layout_consistency_loss(fakes.images, size=coarse)
                 total = total + cfg.layout_consistency * terms[loss_name("g", "layout")]
+            if cfg.spectral_weight > 0:
+                terms[loss_name("g", "spectrum")] = losses.spectrum_loss(fakes.images[-1], batch["real"][len(fakes.images) - 1])
+                total = total + cfg.spectral_weight * terms[loss_name("g", "spectrum")]
             if fakes.twins is not None:
                 k = fakes.twins[0].shape[0]
                 stages = self.mode_seeking_stages

@@ -247,3 +247,38 @@ def test_penalties_under_a_loss_scale_equal_the_unscaled_ones():
         plain = penalty(*args)
         scaled = penalty(*args, scale=65536.0)
         assert scaled.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_radial_spectrum_shares_each_images_power_between_rings():
+    size = 16
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    wave = torch.cos(2 * math.pi * 3 * x / size)  # 3 cycles per image along x: all power on ring 3
+    images = wave.expand(2, 3, size, size).clone()
+    rings = losses.radial_spectrum(images)
+    assert rings.shape == (size // 2 + 1,) and rings.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert rings[3].item() == pytest.approx(1.0, rel=1e-5)
+    # brightness, contrast and position do not move it: only how the power is shared
+    assert torch.allclose(losses.radial_spectrum(0.3 * images.roll(5, dims=3) + 0.2), rings, atol=1e-5)
+    checker = ((x + y) % 2 * 2 - 1).float().expand(1, 3, size, size)  # the 2 px grid sits in a corner
+    assert losses.radial_spectrum(checker).sum().item() == 0.0  # beyond the rings: left out, not counted
+
+
+def test_spectrum_loss_asks_blurred_images_for_their_fine_detail():
+    torch.manual_seed(0)
+    sharp = (torch.rand(4, 3, 32, 32) > 0.5).float().repeat_interleave(2, 2).repeat_interleave(2, 3)[..., :32, :32]
+    sharp = sharp * 2 - 1
+    blur = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    kernel = (blur[:, None] * blur[None, :] / 256).expand(3, 1, 5, 5)
+    blurred = F.conv2d(F.pad(sharp, (2, 2, 2, 2), mode="circular"), kernel, groups=3)
+    assert losses.spectrum_loss(sharp, sharp.flip(0)).item() < 0.05  # other images, the same sharpness
+    assert losses.spectrum_loss(blurred, sharp).item() > 1.0
+    # a step down its gradient moves the blurred images' power outwards; the real side gets none
+    fake, real = blurred.clone().requires_grad_(True), sharp.clone().requires_grad_(True)
+    losses.spectrum_loss(fake, real).backward()
+    assert real.grad is None
+    outer = slice(8, None)
+    before = losses.radial_spectrum(blurred)[outer].sum()
+    after = losses.radial_spectrum(blurred - 0.05 * fake.grad / fake.grad.abs().max())[outer].sum()
+    assert after > before
+    with pytest.raises(ValueError, match="square images of one size"):
+        losses.spectrum_loss(blurred, F.avg_pool2d(sharp, 2))

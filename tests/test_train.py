@@ -326,7 +326,8 @@ def test_diffaugment_stages_choose_the_stages_whose_d_sees_augmented_images(trai
 
 
 @pytest.mark.parametrize("switch, weight, name", [("color_consistency", 50.0, "loss/g/color"),
-                                                  ("layout_consistency", 10.0, "loss/g/layout")])
+                                                  ("layout_consistency", 10.0, "loss/g/layout"),
+                                                  ("spectral_weight", 1.0, "loss/g/spectrum")])
 def test_consistency_terms(trainer_and_batch, tiny_clip, switch, weight, name):
     _, batch = trainer_and_batch
     values = Trainer(tiny_config(**{switch: weight}), clip=tiny_clip).train_step(batch)
@@ -643,8 +644,8 @@ def test_the_reference_preset_keeps_the_bootcamp_recipe():
     assert (ref.model.upsample, ref.model.ca_init_gain, ref.model.ca_noise, ref.model.d_norm,
             ref.model.d_spectral_norm, ref.model.d_clip_head) == ("deconv", None, 1.0, "batch", False, False)
     assert (ref.temperature, ref.r1_weight, ref.clip_augment, ref.d_batches, ref.ema_standing_stats,
-            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every, ref.color_consistency, ref.layout_consistency) == (
-        0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1, 0.0, 0.0)
+            ref.balance_attributes, ref.ma_gp_weight, ref.reg_every, ref.color_consistency, ref.layout_consistency,
+            ref.spectral_weight) == (0.5, 0.0, False, "separate", 0, 0.0, 0.0, 1, 0.0, 0.0, 0.0)
     assert (ref.model.ng, ref.model.nd, ref.batch_size, ref.lr_g) == (1024, 64, 24, 2e-4)
     # the faces preset is the same run with the adopted switches: back at the reference values, it is the reference
     faces = train_preset("faces")
