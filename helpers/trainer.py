@@ -323,7 +323,8 @@ class Trainer:
                 terms[loss_name("g", "layout")] = losses.layout_consistency_loss(fakes.images, size=coarse)
                 total = total + cfg.layout_consistency * terms[loss_name("g", "layout")]
             if cfg.spectral_weight > 0:
-                terms[loss_name("g", "spectrum")] = losses.spectrum_loss(fakes.images[-1], batch["real"][len(fakes.images) - 1])
+                real = batch["real"][len(fakes.images) - 1]  # the last stage's real images
+                terms[loss_name("g", "spectrum")] = losses.spectrum_loss(fakes.images[-1], real)
                 total = total + cfg.spectral_weight * terms[loss_name("g", "spectrum")]
             if fakes.twins is not None:
                 k = fakes.twins[0].shape[0]
