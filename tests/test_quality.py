@@ -34,9 +34,10 @@ def test_the_artifact_index_sees_a_period_of_n_over_8():
     grid = torch.zeros(64, 64)
     grid[::8, :] = grid[:, ::8] = 0.3  # a faint 8 px lattice, the trace of three stride-2 upsamplings
     index = quality.periodic_artifact_index((real + grid).clamp(-1, 1), real)
-    assert index["ratio"] > 5 and index["generated"] > index["real"]
+    assert index["ratio"] > 5 and index["contrast"]["ratio"] > 5
+    assert index["contrast"]["generated"] > index["contrast"]["real"]
     same = quality.periodic_artifact_index(smooth_images(16, seed=1), real)
-    assert same["ratio"] == pytest.approx(1.0, rel=0.5)
+    assert same["contrast"]["ratio"] == pytest.approx(1.0, rel=0.5)
 
 
 def test_the_artifact_index_says_which_period_the_spikes_have():
@@ -46,19 +47,21 @@ def test_the_artifact_index_says_which_period_the_spikes_have():
     for period in (2, 4):
         grid = torch.zeros(64, 64)
         grid[::period, :] = grid[:, ::period] = 0.3
-        by_period = quality.periodic_artifact_index((real + grid).clamp(-1, 1), real)["by_period"]
-        assert set(by_period) == {"2", "4", "8"}
+        index = quality.periodic_artifact_index((real + grid).clamp(-1, 1), real)
+        by_period = index["contrast"]["by_period"]
+        assert set(by_period) == set(index["by_period"]) == {"2", "4", "8"}
         longer = [v for k, v in by_period.items() if int(k) > period]
         assert by_period[str(period)] > 20 and max(longer) < 3, by_period
-    plain = quality.periodic_artifact_index(smooth_images(16, seed=1), real)["by_period"]
+        assert index["by_period"][str(period)] > 20, index
+    plain = quality.periodic_artifact_index(smooth_images(16, seed=1), real)["contrast"]["by_period"]
     assert all(v == pytest.approx(1.0, rel=0.5) for v in plain.values()), plain
 
 
-def test_the_grid_power_is_not_inflated_by_a_spectrum_that_falls_off_early():
-    """``ratio`` divides each spike by its neighbourhood, so images much smoother than real faces
-    near N / 2 (a generator's usual deficit) score high with a grid far fainter than real faces'
-    own; ``power_ratio`` compares the spikes' power above their neighbourhood, as a share of all
-    the images' power, and keeps such a grid below real faces'."""
+def test_the_artifact_index_is_not_inflated_by_a_spectrum_that_falls_off_early():
+    """The spike contrast divides each spike by its neighbourhood, so images much smoother than real
+    faces near N / 2 (a generator's usual deficit) score high with a grid far fainter than real faces'
+    own; the index compares the spikes' power above their neighbourhood, as a share of all the images'
+    power, and keeps such a grid below real faces'."""
     g = torch.Generator().manual_seed(0)
     pos = torch.arange(128.0)
     k = torch.randint(1, 7, (16, 3, 8, 2), generator=g).float()  # a few whole low frequencies: nothing near N / 2
@@ -68,12 +71,24 @@ def test_the_grid_power_is_not_inflated_by_a_spectrum_that_falls_off_early():
     real_grid = smooth + 0.1 * torch.randn(16, 3, 128, 128, generator=g) + 1e-3 * pattern  # detail up to N / 2
     faint = smooth + 5e-4 * pattern  # no fine detail, and half real faces' grid
     index = quality.periodic_artifact_index(faint, real_grid)
-    assert index["by_period"]["2"] > 5, index  # the neighbourhood ratio calls it a strong artifact
-    assert index["power_by_period"]["2"] < 0.5 and index["power_ratio"] < 1, index
+    assert index["contrast"]["by_period"]["2"] > 5, index  # the contrast calls it a strong artifact
+    assert index["by_period"]["2"] < 0.5 and index["ratio"] < 1, index
     strong = quality.periodic_artifact_index(smooth + 5e-3 * pattern, real_grid)
-    assert strong["power_by_period"]["2"] > 5, strong  # a grid stronger than real faces' counts
+    assert strong["by_period"]["2"] > 5, strong  # a grid stronger than real faces' counts
     same = quality.periodic_artifact_index(real_grid, real_grid)
-    assert same["power_ratio"] == pytest.approx(1.0) and same["power_by_period"]["2"] == pytest.approx(1.0)
+    assert same["ratio"] == pytest.approx(1.0) and same["by_period"]["2"] == pytest.approx(1.0)
+
+
+def test_the_artifact_index_reads_a_grid_and_not_softness():
+    """Toy faces softened by a 3-tap blur, or drawn at half resolution and upsampled, hold no grid and
+    read as real faces on the index (while their spike contrast reads about 10x: it takes the missing
+    fine detail for a grid); a 4 px checkerboard of a single grey level reads about 4x, softened or not."""
+    controls = quality.artifact_controls(32)
+    for name in ("real faces", "softened", "half resolution"):
+        assert 0.67 < controls[name]["index"] < 1.5, controls
+    for name in ("grid of 1 grey level", "softened, with that grid"):
+        assert controls[name]["index"] > 2.5, controls
+    assert controls["softened"]["contrast"] > 5 and controls["softened"]["fine_detail"] < 0.3, controls
 
 
 def test_fine_detail_reads_how_much_power_lies_beyond_a_quarter_of_the_sampling_rate():
@@ -172,7 +187,7 @@ def test_measure_quality_reports_every_number(toy_features, tiny_clip, tmp_path)
 
     test = FeaturesDataset(toy_features, split="test", num_stages=1)
     real = downsample(torch.stack([test.image(i) for i in range(len(test))]), 64)
-    assert q["artifact_index"]["real"] == pytest.approx(quality.spectral_spikes(real), rel=1e-9)
+    assert q["artifact_index"]["contrast"]["real"] == pytest.approx(quality.spectral_spikes(real), rel=1e-9)
     assert q["fine_detail"]["real"] == pytest.approx(quality.fine_detail_share(real), rel=1e-9)
 
 
@@ -257,7 +272,8 @@ def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_featu
         from helpers.checkpoint import read_generator
 
         measured.append(read_generator(checkpoint).step)
-        return dict(attribute_accuracy=0.5, min_recall=0.25, artifact_index=dict(ratio=2.0), diversity=dict(ratio=0.5),
+        return dict(attribute_accuracy=0.5, min_recall=0.25, artifact_index=dict(ratio=2.0, contrast=dict(ratio=3.0)),
+                    diversity=dict(ratio=0.5),
                     distances={"random-conv (stand-in)": dict(fid=1.0)})
 
     monkeypatch.setattr(quality, "measure_quality", stub)
@@ -268,31 +284,33 @@ def test_variants_train_in_segments_and_a_rerun_skips_what_is_measured(toy_featu
     quality.run_variant("small", tiny, toy_features, tmp_path, points=(2, 3), stages=1, clip=tiny_clip)
     assert measured == [2, 3]  # nothing measured twice
     table = quality.write_table(tmp_path).read_text()
-    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | - | - | - | 1 | 0.50 | - |" in table
+    assert "| small | ng=64" in table and "| 3 | 0.500 | 0.25 | 2.00 | 3.00 | - | - | 1 | 0.50 | - |" in table
 
 
-def test_the_table_shows_the_grid_power_the_fine_detail_and_the_eyes_beside_the_artifact_index():
+def test_the_table_shows_the_spike_contrast_the_fine_detail_and_the_eyes_beside_the_artifact_index():
     def point(step, index, **extra):
         return dict(step=step, attribute_accuracy=0.9, min_recall=0.5, artifact_index=index,
                     distances={"random-conv (seeded)": dict(fid=0.1)}, diversity=dict(ratio=0.8), **extra)
 
     reports = [dict(name="new", overrides=["model.up_blur=true"], timed_seconds_per_step=1.0,
-                    points=[point(500, dict(ratio=4.26, power_ratio=1.02), fine_detail=dict(ratio=0.146),
+                    points=[point(500, dict(ratio=1.02, contrast=dict(ratio=4.26)), fine_detail=dict(ratio=0.146),
                                   eyes=dict(distance=0.123, groups={"Eyeglasses": dict(distance=0.456)}))]),
-               dict(name="old", overrides=[], points=[point(500, dict(ratio=2.19))])]  # written before both
-    head, rule, new, old = quality.format_table(reports).splitlines()
+               # written when ``ratio`` was the spike contrast and ``power_ratio`` the grid's power
+               dict(name="earlier", overrides=[], points=[point(500, dict(ratio=4.26, power_ratio=1.02))]),
+               dict(name="old", overrides=[], points=[point(500, dict(ratio=2.19))])]  # before the grid's power
+    head, rule, new, earlier, old = quality.format_table(reports).splitlines()
     cells = [c.strip() for c in head.strip("|").split("|")]
-    at = cells.index("grid power / real")
-    assert cells[at - 1:at + 3] == ["artifacts / real", "grid power / real", "fine detail / real",
-                                    "eyes vs real (glasses)"]
+    at = cells.index("artifacts / real")
+    assert cells[at:at + 4] == ["artifacts / real", "spike contrast / real", "fine detail / real",
+                                "eyes vs real (glasses)"]
     assert len(rule.strip("|").split("|")) == len(cells)
-    new_cells = [c.strip() for c in new.strip("|").split("|")]
-    assert new_cells[at - 1:at + 3] == ["4.26", "1.02", "0.15", "0.12 (glasses 0.46)"]
-    assert [c.strip() for c in old.strip("|").split("|")][at:at + 3] == ["-", "-", "-"]
-    assert "eyes 0.12 (glasses 0.46) from real" in quality.summary_line(reports[0]["points"][0])
-    assert "grid power 1.02x" in quality.summary_line(reports[0]["points"][0])
-    assert "fine detail 0.15x real" in quality.summary_line(reports[0]["points"][0])
-    assert "fine detail -x real" in quality.summary_line(reports[1]["points"][0])
+    assert [c.strip() for c in new.strip("|").split("|")][at:at + 4] == ["1.02", "4.26", "0.15", "0.12 (glasses 0.46)"]
+    assert [c.strip() for c in earlier.strip("|").split("|")][at:at + 4] == ["1.02", "4.26", "-", "-"]
+    assert [c.strip() for c in old.strip("|").split("|")][at:at + 4] == ["-", "2.19", "-", "-"]
+    line = quality.summary_line(reports[0]["points"][0])
+    assert "artifacts 1.02x real (spike contrast 4.26x)" in line and "eyes 0.12 (glasses 0.46) from real" in line
+    assert "fine detail 0.15x real" in line
+    assert "fine detail -x real" in quality.summary_line(reports[2]["points"][0])
 
 
 def test_every_measured_image_gets_its_own_noise(toy_features, seed_recorder):

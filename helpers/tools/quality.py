@@ -12,12 +12,11 @@ generator never saw), ``measure_quality`` reports:
 - **attribute accuracy** and **per-attribute recall** (and its minimum): the toy-face
   attribute classifier judges images generated from held-out captions against the
   attributes of each caption's face;
-- **periodic-artifact index** (``periodic_artifact_index``): how far the mean power
-  spectrum of generated images rises at the upsampling periods (multiples of N/8)
-  above its neighbourhood, divided by the same for real toy faces (1 = as real), and
-  ``power_ratio``, the power of those spikes above their neighbourhood as a share of all
-  the images' power, generated over real (how strong the grid is: the first overstates it
-  for images with less fine detail than real faces);
+- **periodic-artifact index** (``periodic_artifact_index``): how strong a periodic grid at the
+  upsampling periods is: the power spectrum's spikes at multiples of N/8 above their neighbourhood,
+  as a share of all the images' power, generated over real toy faces (1 = as real); beside it the
+  spike contrast, each spike over its neighbourhood, which also reads images softer than real faces
+  as a grid (``artifact_controls`` measures both on real faces changed in known ways);
 - **fine detail** (``fine_detail``): the share of the power spectrum beyond a quarter of the
   sampling rate (periods under 4 px), generated over real (below 1: blurrier than real faces);
 - **eye counts** (``eye_count_distance``): how differently generated and real toy faces read to a
@@ -169,22 +168,64 @@ def spectral_spikes_by_period(images: Tensor, *, divisor: int = ARTIFACT_DIVISOR
 
 
 def periodic_artifact_index(generated: Tensor, real: Tensor, *, divisor: int = ARTIFACT_DIVISOR) -> dict[str, Any]:
-    """``spectral_spikes`` of generated and of real images (same size) and their ratio (1 = as real);
-    ``by_period``: the same ratio for each period's spikes (``spectral_spikes_by_period``).
+    """How strong a periodic grid at the upsampling periods is in generated images [N, 3, H, H] in [-1, 1],
+    against real images of the same size: ``ratio``, the index (1 = as real faces; 0 = no spikes at all).
 
-    ``power_ratio``: the spikes' power above their neighbourhood, as a share of all the images' power,
-    generated over real (``power_by_period``: per period). ``ratio`` reads a spike against its
-    neighbourhood, so a spectrum that falls off faster than real faces' near the spike raises it
-    even when the grid is fainter than real faces' own; ``power_ratio`` says how strong the grid is.
+    At each frequency in multiples of N / divisor (not both 0), the mean power spectrum's excess over the
+    median of its 5x5 neighbourhood is a spike's power; their sum as a share of all the images' power is
+    the grid's share, and the index is the generated images' share over the real ones'. ``by_period``:
+    the same ratio for each period's spikes (grouped as in ``spectral_spikes_by_period``).
+
+    ``contrast``: each spike over its neighbourhood's median instead (``spectral_spikes``: ``generated``,
+    ``real``, their ``ratio`` and its ``by_period``). Its neighbourhood is the images' own fine detail, so
+    it reads softness as a grid: real toy faces softened by a 3-tap blur score about 15x real faces on it
+    and 1.0x on the index, while a 4 px grid of one grey level raises the index to about 4x
+    (``artifact_controls``).
     """
     g_ratios, g_excess = _spikes(generated, divisor)  # each spectrum once
     r_ratios, r_excess = _spikes(real, divisor)
     g, r = float(np.mean(list(g_ratios.values()))), float(np.mean(list(r_ratios.values())))
     g_by, r_by = _by_period(g_ratios, divisor), _by_period(r_ratios, divisor)
     ge_by, re_by = _by_period(g_excess, divisor, sum), _by_period(r_excess, divisor, sum)
-    return dict(generated=g, real=r, ratio=g / r, by_period={k: g_by[k] / r_by[k] for k in g_by},
-                power_ratio=sum(g_excess.values()) / max(sum(r_excess.values()), 1e-12),
-                power_by_period={k: ge_by[k] / max(re_by[k], 1e-12) for k in ge_by})
+    contrast = dict(generated=g, real=r, ratio=g / r, by_period={k: g_by[k] / r_by[k] for k in g_by})
+    return dict(ratio=sum(g_excess.values()) / max(sum(r_excess.values()), 1e-12),
+                by_period={k: ge_by[k] / max(re_by[k], 1e-12) for k in ge_by}, contrast=contrast)
+
+
+def artifact_controls(n: int = 600, *, seed: int = 0) -> dict[str, dict[str, float]]:
+    """What the artifact index, its spike contrast and the fine detail read for toy faces changed in known
+    ways: ``n`` faces of toy seed ``seed + 1`` (256 px, each change quantized to 8 bits as a generated PNG
+    is) against ``n`` faces of toy seed ``seed``.
+
+    {change: {"index", "contrast", "fine_detail"}, each x real faces}, for the faces as they are, softened
+    (``network.Blur``'s [1, 2, 1] filter), at half resolution (box-downsampled, bilinear x2 back: a perfect
+    128 px image upsampled), and with a 4 px checkerboard of one grey level (amplitude 1 / 127.5) added to
+    the faces and to the softened ones. No change but the grid adds a periodic pattern.
+    """
+    from ..features import downsample
+    from ..network import Blur
+    from ..pictures import dequantize, quantize
+    from .train_classifier import toyface_arrays
+
+    real = dequantize(toyface_arrays(n, seed=seed, size=256)[0], channels_last=True)
+    faces = dequantize(toyface_arrays(n, seed=seed + 1, size=256)[0], channels_last=True)
+    rows, cols = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    grid = (((rows // 2) % 2) * 2 - 1).float() * (((cols // 2) % 2) * 2 - 1).float() / 127.5
+    soft = Blur()(faces)
+    changed = {
+        "real faces": faces,
+        "softened": soft,
+        "half resolution": F.interpolate(downsample(faces, 128), scale_factor=2, mode="bilinear", align_corners=False),
+        "grid of 1 grey level": faces + grid,
+        "softened, with that grid": soft + grid,
+    }
+    out = {}
+    for name, images in changed.items():
+        images = dequantize(quantize(images.clamp(-1, 1)))
+        index = periodic_artifact_index(images, real)
+        out[name] = dict(index=index["ratio"], contrast=index["contrast"]["ratio"],
+                         fine_detail=fine_detail(images, real)["ratio"])
+    return out
 
 
 def fine_detail_share(images: Tensor, *, cutoff: float = FINE_DETAIL_CUTOFF) -> float:
@@ -200,7 +241,7 @@ def fine_detail_share(images: Tensor, *, cutoff: float = FINE_DETAIL_CUTOFF) -> 
 
 def fine_detail(generated: Tensor, real: Tensor, *, cutoff: float = FINE_DETAIL_CUTOFF) -> dict[str, float]:
     """``fine_detail_share`` of generated and of real images (same size) and their ratio (1 = as real;
-    below 1: blurrier than real faces). The detail the artifact index's neighbourhoods lack."""
+    below 1: blurrier than real faces). The detail the spike contrast's neighbourhoods lack."""
     g, r = fine_detail_share(generated, cutoff=cutoff), fine_detail_share(real, cutoff=cutoff)
     return dict(generated=g, real=r, ratio=g / max(r, 1e-12), cutoff=cutoff)
 
@@ -603,15 +644,20 @@ def summary_line(point: dict[str, Any]) -> str:
     """One line of a measurement: accuracy, minimum recall, artifact ratio, fine detail, FIDs, diversity."""
     fids = ", ".join(f"FID {k.split(' ')[0]} {v['fid']:.3g}" for k, v in point["distances"].items())
     return (f"accuracy {point['attribute_accuracy']:.3f}, min recall {point['min_recall']:.2f}, "
-            f"artifacts {point['artifact_index']['ratio']:.2f}x real (grid power {_grid_power(point)}x), "
+            f"artifacts {_artifacts(point)[0]}x real (spike contrast {_artifacts(point)[1]}x), "
             f"fine detail {_fine_detail(point)}x real, eyes {_eyes(point)} from real, {fids}, "
             f"diversity {point['diversity'].get('ratio', float('nan')):.2f}")
 
 
-def _grid_power(point: dict[str, Any]) -> str:
-    """The artifact index's ``power_ratio`` as printed ("-" in a report written before it existed)."""
-    power = point["artifact_index"].get("power_ratio")
-    return "-" if power is None else f"{power:.2f}"
+def _artifacts(point: dict[str, Any]) -> tuple[str, str]:
+    """The artifact index and its spike contrast, as printed. A report written before the index read the
+    grid's power holds the contrast as ``ratio`` and the index as ``power_ratio`` ("-" in the oldest)."""
+    index = point["artifact_index"]
+    if "contrast" in index:
+        power, contrast = index["ratio"], index["contrast"]["ratio"]
+    else:
+        power, contrast = index.get("power_ratio"), index["ratio"]
+    return "-" if power is None else f"{power:.2f}", f"{contrast:.2f}"
 
 
 def _fine_detail(point: dict[str, Any]) -> str:
@@ -633,7 +679,7 @@ def _eyes(point: dict[str, Any]) -> str:
 def format_table(reports: list[dict[str, Any]]) -> str:
     """The side-by-side markdown table of every variant at every measured point."""
     extractors = sorted({k for r in reports for p in r["points"] for k in p["distances"]})
-    head = ["variant", "settings", "steps", "accuracy", "min recall", "artifacts / real", "grid power / real",
+    head = ["variant", "settings", "steps", "accuracy", "min recall", "artifacts / real", "spike contrast / real",
             "fine detail / real", "eyes vs real (glasses)"]
     head += [f"FID ({e.split(' (')[0]})" for e in extractors] + ["diversity", "s / step (timed alone)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
@@ -642,7 +688,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         for p in r["points"]:
             fids = [f"{p['distances'][e]['fid']:.3g}" if e in p["distances"] else "-" for e in extractors]
             cells = [r["name"], settings or "(the reference recipe)", str(p["step"]), f"{p['attribute_accuracy']:.3f}",
-                     f"{p['min_recall']:.2f}", f"{p['artifact_index']['ratio']:.2f}", _grid_power(p), _fine_detail(p),
+                     f"{p['min_recall']:.2f}", *_artifacts(p), _fine_detail(p),
                      _eyes(p), *fids,
                      f"{p['diversity'].get('ratio', float('nan')):.2f}",
                      f"{r['timed_seconds_per_step']:.3f}" if r.get("timed_seconds_per_step") else "-"]
