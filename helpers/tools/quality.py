@@ -641,7 +641,8 @@ def time_steps(cfg: Any, features: str | os.PathLike, *, clip: Any, steps: int =
 
 
 def summary_line(point: dict[str, Any]) -> str:
-    """One line of a measurement: accuracy, minimum recall, artifact ratio, fine detail, FIDs, diversity."""
+    """One line of a measurement: accuracy, minimum recall, artifact index and spike contrast, fine detail, eyes,
+    FIDs, diversity."""
     fids = ", ".join(f"FID {k.split(' ')[0]} {v['fid']:.3g}" for k, v in point["distances"].items())
     return (f"accuracy {point['attribute_accuracy']:.3f}, min recall {point['min_recall']:.2f}, "
             f"artifacts {_artifacts(point)[0]}x real (spike contrast {_artifacts(point)[1]}x), "
