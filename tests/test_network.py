@@ -375,6 +375,7 @@ def test_up_blur_leaves_no_2px_pattern_in_an_up_block(mode):
     torch.manual_seed(0)
     x = torch.randn(64, 8, 16, 16)
 
+    @torch.no_grad()
     def nyquist_share(block: nn.Module) -> float:
         y = block.eval()(x)[..., 2:-2, 2:-2].mean(0)  # the pattern every sample shares, away from the edges
         power = torch.fft.fft2(y - y.mean(dim=(1, 2), keepdim=True)).abs().pow(2).mean(0)  # [28, 28]
