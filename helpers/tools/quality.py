@@ -644,8 +644,9 @@ def summary_line(point: dict[str, Any]) -> str:
     """One line of a measurement: accuracy, minimum recall, artifact index and spike contrast, fine detail, eyes,
     FIDs, diversity."""
     fids = ", ".join(f"FID {k.split(' ')[0]} {v['fid']:.3g}" for k, v in point["distances"].items())
+    index, contrast = _artifacts(point)
     return (f"accuracy {point['attribute_accuracy']:.3f}, min recall {point['min_recall']:.2f}, "
-            f"artifacts {_artifacts(point)[0]}x real (spike contrast {_artifacts(point)[1]}x), "
+            f"artifacts {index}x real (spike contrast {contrast}x), "
             f"fine detail {_fine_detail(point)}x real, eyes {_eyes(point)} from real, {fids}, "
             f"diversity {point['diversity'].get('ratio', float('nan')):.2f}")
 
